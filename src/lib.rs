@@ -1,1 +1,38 @@
+//! rotd — a secret-rotation daemon for observability pipelines.
+//!
+//! # Layout
+//!
+//! ```text
+//!  cli/commands ──► rotation::Engine ──► targets::Config (enum: prometheus, files)
+//!                        │   │                 apply / probe / rollback / retire
+//!                        │   └──────────────► deliver (templates → files → reloads)
+//!                        ▼
+//!                   store::Store  (git2 + age: the journal, the audit trail, the lock)
+//!                        │
+//!                   secrets/NAME.age, secrets/NAME.pending.age, .age-recipients
+//! ```
+//!
+//! * [`config`] parses `rotd.toml` and `schedules/*.toml` into a checked [`config::Config`].
+//! * [`store`] is the git repository of age-encrypted [`store::Record`]s; every change is
+//!   a commit with `Rotd-*` trailers, made under a `flock`.
+//! * [`rotation`] is the engine: plan → pending commit → apply → deliver → probe →
+//!   succeeded commit → retire, with rollback and crash recovery; its module doc states
+//!   what each step guarantees.
+//! * [`targets`] holds one file per target kind, each with its probe beside it.
+//! * [`deliver`] renders consumer files and runs reloads.
+//! * [`secret`] is the redacting [`secret::Secret`] type and the CSPRNG generator.
+//! * [`history`] reads the audit trail back from git.
+//!
+//! Blocking work (git2, age, bcrypt, fsync) runs in `spawn_blocking`; HTTP (probes,
+//! reloads) is async on tokio.
 
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod deliver;
+pub mod fsutil;
+pub mod history;
+pub mod rotation;
+pub mod secret;
+pub mod store;
+pub mod targets;

@@ -1,0 +1,63 @@
+//! The command line (DESIGN §2, contract). Kept in the library so that man pages and
+//! shell completions can be generated from the same definitions.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "rotd",
+    version,
+    about = "Secret-rotation daemon: age-encrypted git store, safe rotation with real probes"
+)]
+pub struct Cli {
+    /// Configuration file [default: /etc/rotd/rotd.toml]
+    #[arg(long, global = true, env = "ROTD_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the store repository and, if missing, the daemon's age identity
+    Init,
+    /// Validate the configuration and every schedule; errors name file:line and the fix
+    Check,
+    /// Rotate now
+    Rotate {
+        /// Secrets to rotate
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        names: Vec<String>,
+        /// Rotate every scheduled secret
+        #[arg(long)]
+        all: bool,
+        /// Print the plan and touch nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Per secret: state, last rotation, age, next run, last error
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The audit trail, read from git
+    History {
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Adopt a credential that is live today (secret on stdin)
+    Import {
+        name: String,
+        #[arg(long)]
+        username: Option<String>,
+        #[arg(long = "key-id")]
+        key_id: Option<String>,
+    },
+    /// Carry out retirements whose grace has passed
+    Retire,
+    /// Decrypt and print the current value (needs the identity)
+    Show { name: String },
+}

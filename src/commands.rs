@@ -1,0 +1,527 @@
+//! What each CLI command does. `main.rs` parses the arguments and calls [`run`];
+//! everything here returns an exit code (DESIGN §2) or an [`Error`] that knows its own.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::cli::{Cli, Command};
+use crate::config::{self, Config};
+use crate::history;
+use crate::rotation::{self, Engine, Outcome, Trigger};
+use crate::secret::Secret;
+use crate::store::record::key;
+use crate::store::{self, rel_path, Change, Message, Record, Slot, Store};
+
+/// Exit codes (contract).
+pub mod exit {
+    pub const OK: i32 = 0;
+    pub const ROLLED_BACK: i32 = 1;
+    pub const NOT_ROLLED_BACK: i32 = 2;
+    pub const USAGE: i32 = 64;
+    pub const CONFIG: i32 = 78;
+}
+
+/// A command failed before or outside a rotation.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Config(#[from] config::Error),
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    #[error(transparent)]
+    Rotation(#[from] rotation::Error),
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot write output: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Error {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Config(_) => exit::CONFIG,
+            Error::Store(store::Error::NotInitialised(_))
+            | Error::Store(store::Error::Crypto(_))
+            | Error::Store(store::Error::File(crate::fsutil::Error::TooOpen { .. })) => {
+                exit::CONFIG
+            }
+            Error::Rotation(rotation::Error::UnknownSecret(_)) | Error::Usage(_) => exit::USAGE,
+            _ => exit::ROLLED_BACK,
+        }
+    }
+}
+
+fn config_path(cli: &Cli) -> PathBuf {
+    cli.config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH))
+}
+
+async fn open(cfg: &Config) -> Result<Arc<Store>, Error> {
+    let c = cfg.store.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&c))
+        .await
+        .map_err(|e| Error::Usage(e.to_string()))??;
+    Ok(Arc::new(store))
+}
+
+/// Runs one command; returns its exit code.
+pub async fn run(cli: Cli) -> Result<i32, Error> {
+    let path = config_path(&cli);
+    let out = &mut std::io::stdout().lock();
+    match cli.command {
+        Command::Init => init(&path, out),
+        Command::Check => check(&path, out),
+        Command::Rotate {
+            names,
+            all,
+            dry_run,
+        } => {
+            let cfg = Arc::new(config::load(&path)?);
+            let names = if all {
+                cfg.schedules.iter().map(|s| s.name.clone()).collect()
+            } else {
+                names
+            };
+            for n in &names {
+                if cfg.schedule(n).is_none() {
+                    return Err(rotation::Error::UnknownSecret(n.clone()).into());
+                }
+            }
+            if dry_run {
+                return dry_run_plan(&cfg, &names, out);
+            }
+            let store = open(&cfg).await?;
+            let engine = Engine::new(cfg, store);
+            let mut code = exit::OK;
+            for n in &names {
+                let outcome = engine.rotate(n, Trigger::manual_here()).await?;
+                print_outcome(n, &outcome, out)?;
+                code = code.max(outcome.exit_code());
+            }
+            Ok(code)
+        }
+        Command::Status { json } => {
+            let cfg = config::load(&path)?;
+            let store = open(&cfg).await?;
+            status(&cfg, &store, json, out)
+        }
+        Command::History { name, json } => {
+            let cfg = config::load(&path)?;
+            let store = open(&cfg).await?;
+            let entries = history::read(&store, name.as_deref())?;
+            if json {
+                serde_json::to_writer_pretty(&mut *out, &serde_json::json!({ "entries": entries }))
+                    .map_err(std::io::Error::from)?;
+                writeln!(out)?;
+            } else {
+                writeln!(
+                    out,
+                    "{:<20}  {:<24} {:<12} {:<26} {:<18} DETAIL",
+                    "TIME", "SECRET", "STEP", "ROTATION", "TRIGGER"
+                )?;
+                for e in &entries {
+                    let detail = e
+                        .error
+                        .clone()
+                        .or_else(|| e.probe.as_ref().map(|p| format!("probe {p}")))
+                        .or_else(|| e.target.clone())
+                        .unwrap_or_default();
+                    writeln!(
+                        out,
+                        "{:<20}  {:<24} {:<12} {:<26} {:<18} {}",
+                        e.time,
+                        e.secret.as_deref().unwrap_or("-"),
+                        e.step.as_deref().unwrap_or("-"),
+                        e.rotation.as_deref().unwrap_or("-"),
+                        e.trigger.as_deref().unwrap_or("-"),
+                        detail
+                    )?;
+                }
+            }
+            Ok(exit::OK)
+        }
+        Command::Import {
+            name,
+            username,
+            key_id,
+        } => {
+            let cfg = config::load_store_only(&path)?;
+            let store = open(&cfg).await?;
+            import(&store, &name, username, key_id, out)
+        }
+        Command::Retire => {
+            let cfg = Arc::new(config::load(&path)?);
+            let store = open(&cfg).await?;
+            let engine = Engine::new(cfg, store);
+            engine.recover_all().await?;
+            let mut code = exit::OK;
+            for (name, r) in engine.retire_due().await? {
+                match r {
+                    Ok(what) => writeln!(out, "{name}: retired {what}")?,
+                    Err(e) => {
+                        writeln!(out, "{name}: retire failed: {e}")?;
+                        code = exit::ROLLED_BACK;
+                    }
+                }
+            }
+            Ok(code)
+        }
+        Command::Show { name } => {
+            let cfg = config::load_store_only(&path)?;
+            let store = open(&cfg).await?;
+            match store.read(&name, Slot::Current)? {
+                Some(r) => {
+                    writeln!(out, "{}", r.secret.expose())?;
+                    Ok(exit::OK)
+                }
+                None => Err(Error::Usage(format!(
+                    "no secret named {name:?} in the store"
+                ))),
+            }
+        }
+    }
+}
+
+fn init(path: &Path, out: &mut impl Write) -> Result<i32, Error> {
+    let cfg = config::load_store_only(path)?;
+    let report = Store::init(&cfg.store)?;
+    if let Some(public) = &report.identity_created {
+        writeln!(
+            out,
+            "created identity {} (public key {public})",
+            cfg.store.identity.display()
+        )?;
+    }
+    writeln!(
+        out,
+        "{} store {}",
+        if report.repo_created {
+            "created"
+        } else {
+            "checked"
+        },
+        cfg.store.path.display()
+    )?;
+    match report.push {
+        Some(store::Push::Unreachable(r)) => {
+            writeln!(out, "warning: cannot push to the remote: {r}")?
+        }
+        Some(store::Push::Rejected(r)) => {
+            writeln!(out, "warning: the remote refused the push: {r}")?
+        }
+        _ => {}
+    }
+    Ok(exit::OK)
+}
+
+fn check(path: &Path, out: &mut impl Write) -> Result<i32, Error> {
+    let cfg = config::load(path)?;
+    let mut problems = Vec::new();
+    if let Err(e) = crate::fsutil::check_private(&cfg.store.identity) {
+        if cfg.store.identity.exists() {
+            problems.push(e.to_string());
+        }
+    }
+    if let Some(k) = &cfg.store.signing_key {
+        if let Err(e) = crate::fsutil::check_private(k) {
+            problems.push(e.to_string());
+        }
+    }
+    if !problems.is_empty() {
+        return Err(config::Error(
+            problems
+                .into_iter()
+                .map(|m| config::Problem {
+                    file: path.to_owned(),
+                    line: None,
+                    message: m,
+                })
+                .collect(),
+        )
+        .into());
+    }
+    writeln!(
+        out,
+        "{}: ok, {} schedule(s)",
+        path.display(),
+        cfg.schedules.len()
+    )?;
+    for s in &cfg.schedules {
+        writeln!(
+            out,
+            "  {} ({}) {}",
+            s.name,
+            s.target.kind(),
+            s.cron.as_deref().unwrap_or("manual only")
+        )?;
+    }
+    Ok(exit::OK)
+}
+
+fn dry_run_plan(cfg: &Config, names: &[String], out: &mut impl Write) -> Result<i32, Error> {
+    for n in names {
+        let s = cfg
+            .schedule(n)
+            .ok_or_else(|| rotation::Error::UnknownSecret(n.clone()))?;
+        writeln!(out, "{n}: would rotate ({})", s.target.describe(None))?;
+        writeln!(
+            out,
+            "  generate {} characters ({:?}) with the system CSPRNG",
+            s.length, s.charset
+        )?;
+        writeln!(
+            out,
+            "  commit {} (pending), install on the target keeping the old credential valid",
+            rel_path(n, Slot::Pending)
+        )?;
+        for d in &s.deliver {
+            writeln!(
+                out,
+                "  deliver {} (mode {:04o})",
+                crate::deliver::display_path(&d.path, None, n),
+                d.mode
+            )?;
+        }
+        let mut seen = Vec::new();
+        for r in s.deliver.iter().filter_map(|d| d.reload.as_ref()) {
+            if !seen.contains(&r) {
+                writeln!(out, "  reload {r}")?;
+                seen.push(r);
+            }
+        }
+        writeln!(
+            out,
+            "  probe with the new credential, then commit succeeded; retire the old one after {}",
+            humantime::format_duration(s.grace)
+        )?;
+    }
+    writeln!(out, "dry run: nothing was changed")?;
+    Ok(exit::OK)
+}
+
+fn print_outcome(name: &str, o: &Outcome, out: &mut impl Write) -> Result<(), Error> {
+    match o {
+        Outcome::Succeeded { rotation, retired } => writeln!(
+            out,
+            "{name}: rotated (rotation {rotation}){}",
+            if *retired { "; old credential retired" } else { "" }
+        )?,
+        Outcome::RolledBack { rotation, reason } => {
+            writeln!(out, "{name}: FAILED and rolled back (rotation {rotation}): {reason}; the old credential is still in use")?
+        }
+        Outcome::Aborted { reason } => writeln!(out, "{name}: not rotated: {reason}")?,
+        Outcome::Failed { rotation, reason, left } => {
+            writeln!(out, "{name}: FAILED and NOT fully rolled back (rotation {rotation}): {reason}. Left to do: {left}")?
+        }
+    }
+    Ok(())
+}
+
+fn import(
+    store: &Store,
+    name: &str,
+    username: Option<String>,
+    key_id: Option<String>,
+    out: &mut impl Write,
+) -> Result<i32, Error> {
+    if !config::valid_name(name) {
+        return Err(Error::Usage(format!("{name:?} is not a valid secret name")));
+    }
+    let mut buf = zeroize::Zeroizing::new(String::new());
+    std::io::stdin().read_to_string(&mut buf)?;
+    let value = buf.strip_suffix('\n').unwrap_or(&buf);
+    let value = value.strip_suffix('\r').unwrap_or(value);
+    if value.is_empty() || value.contains('\n') {
+        return Err(Error::Usage(
+            "import reads exactly one line (the secret) from stdin".into(),
+        ));
+    }
+    let _lock = store.lock_secret(name, true)?;
+    if store.read(name, Slot::Pending)?.is_some() {
+        return Err(Error::Usage(format!("a rotation of {name} is unfinished; run `rotd retire` or `rotd rotate {name}` to recover it first")));
+    }
+    let mut rec = Record::new(Secret::new(value.to_owned())).with(
+        key::CREATED,
+        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    );
+    if let Some(u) = &username {
+        rec.set(key::USERNAME, u);
+    }
+    if let Some(k) = &key_id {
+        rec.set(key::KEY_ID, k);
+    }
+    let fp = store.fingerprint(&rec.secret);
+    let bytes = store.encrypt_record(&rec)?;
+    let mut msg = Message::new(format!("import {name}"))
+        .trailer("Rotd-Secret", name)
+        .trailer("Rotd-Step", "imported")
+        .trailer("Rotd-Trigger", Trigger::manual_here().to_string())
+        .trailer("Rotd-Fingerprint", fp);
+    if let Some(u) = &username {
+        msg = msg.trailer("Rotd-Target", format!("user={u}"));
+    }
+    store.commit(
+        vec![Change::Put {
+            path: rel_path(name, Slot::Current),
+            bytes,
+        }],
+        &msg,
+    )?;
+    if let store::Push::Unreachable(r) | store::Push::Rejected(r) = store.push()? {
+        writeln!(out, "warning: cannot push the store: {r}")?;
+    }
+    writeln!(out, "{name}: imported")?;
+    Ok(exit::OK)
+}
+
+#[derive(Serialize)]
+struct SecretStatus {
+    name: String,
+    state: &'static str,
+    scheduled: bool,
+    kind: Option<&'static str>,
+    last_rotation: Option<LastRotation>,
+    /// Seconds since the current credential was made (last succeeded rotation or import).
+    age_seconds: Option<i64>,
+    next_run: Option<String>,
+    last_error: Option<String>,
+    retire_after: Option<String>,
+}
+
+#[derive(Serialize)]
+struct LastRotation {
+    time: String,
+    outcome: String,
+    rotation: Option<String>,
+    commit: String,
+}
+
+fn status(cfg: &Config, store: &Store, json: bool, out: &mut impl Write) -> Result<i32, Error> {
+    let entries = history::read(store, None)?;
+    let (current, pending) = store.names()?;
+    let mut names: Vec<String> = cfg.schedules.iter().map(|s| s.name.clone()).collect();
+    for n in current.iter().chain(&pending) {
+        if !names.contains(n) {
+            names.push(n.clone());
+        }
+    }
+    let now = chrono::Utc::now();
+    let mut rows = Vec::new();
+    for n in names {
+        let mine: Vec<&history::Entry> = entries
+            .iter()
+            .filter(|e| e.secret.as_deref() == Some(&n))
+            .collect();
+        let last = mine.iter().find(|e| {
+            matches!(
+                e.step.as_deref(),
+                Some("succeeded" | "rolled-back" | "failed")
+            )
+        });
+        let made = mine
+            .iter()
+            .find(|e| matches!(e.step.as_deref(), Some("succeeded" | "imported")));
+        let last_error = mine
+            .iter()
+            .find(|e| e.error.is_some())
+            .and_then(|e| e.error.clone());
+        let retire_pending = mine
+            .iter()
+            .take_while(|e| e.step.as_deref() != Some("retired"))
+            .find(|e| e.step.as_deref() == Some("succeeded"))
+            .and_then(|e| e.retire_after.clone());
+        let sched = cfg.schedule(&n);
+        let state = if pending.contains(&n) {
+            if last.and_then(|e| e.step.as_deref()) == Some("failed") {
+                "failed"
+            } else {
+                "rotating"
+            }
+        } else if !current.contains(&n) {
+            "never-rotated"
+        } else if retire_pending.is_some() {
+            "grace"
+        } else {
+            "ok"
+        };
+        let next_run = sched.and_then(|s| s.cron.as_deref()).and_then(next_run);
+        rows.push(SecretStatus {
+            name: n.clone(),
+            state,
+            scheduled: sched.is_some(),
+            kind: sched.map(|s| s.target.kind()),
+            last_rotation: last.map(|e| LastRotation {
+                time: e.time.clone(),
+                outcome: e.step.clone().unwrap_or_default(),
+                rotation: e.rotation.clone(),
+                commit: e.commit.clone(),
+            }),
+            age_seconds: made.map(|e| now.timestamp() - e.timestamp),
+            next_run,
+            last_error,
+            retire_after: retire_pending,
+        });
+    }
+    let unpushed = store.unpushed()?;
+    if json {
+        serde_json::to_writer_pretty(
+            &mut *out,
+            &serde_json::json!({ "secrets": rows, "unpushed_commits": unpushed }),
+        )
+        .map_err(std::io::Error::from)?;
+        writeln!(out)?;
+    } else {
+        writeln!(
+            out,
+            "{:<24} {:<14} {:<22} {:>10}  {:<22} LAST ERROR",
+            "SECRET", "STATE", "LAST ROTATION", "AGE", "NEXT RUN"
+        )?;
+        for r in &rows {
+            writeln!(
+                out,
+                "{:<24} {:<14} {:<22} {:>10}  {:<22} {}",
+                r.name,
+                r.state,
+                r.last_rotation
+                    .as_ref()
+                    .map(|l| format!("{} {}", &l.time[..l.time.len().min(16)], l.outcome))
+                    .unwrap_or_else(|| "-".into()),
+                r.age_seconds
+                    .map(
+                        |a| humantime::format_duration(std::time::Duration::from_secs(
+                            a.max(0) as u64
+                        ))
+                        .to_string()
+                        .split(' ')
+                        .take(2)
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                    )
+                    .unwrap_or_else(|| "-".into()),
+                r.next_run.as_deref().unwrap_or("-"),
+                r.last_error.as_deref().unwrap_or("")
+            )?;
+        }
+        if let Some(n) = unpushed.filter(|n| *n > 0) {
+            writeln!(out, "{n} commit(s) not pushed to the store remote yet")?;
+        }
+    }
+    Ok(exit::OK)
+}
+
+/// The next time a cron expression fires, RFC 3339 UTC.
+pub fn next_run(cron: &str) -> Option<String> {
+    let six: Vec<&str> = cron.split_whitespace().take(6).collect();
+    let c = croner::Cron::new(&six.join(" "))
+        .with_seconds_required()
+        .with_dom_and_dow()
+        .parse()
+        .ok()?;
+    c.find_next_occurrence(&chrono::Utc::now(), false)
+        .ok()
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+}

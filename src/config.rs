@@ -1,0 +1,876 @@
+//! Configuration: `rotd.toml` and the `schedules/*.toml` files (DESIGN §3).
+//!
+//! Parse, then validate. The files are first read into `Raw*` structs with
+//! `deny_unknown_fields`, keeping the position of every value that can be wrong
+//! (`toml::Spanned`); then [`load`] turns them into a checked [`Config`]: cron parsed,
+//! durations parsed, templates read and their placeholders checked, references to
+//! other secrets resolved. Every problem found is reported — not just the first — as an
+//! [`Problem`] naming the file, the line, what is wrong and what to do.
+//!
+//! Relative paths in a file are taken relative to the directory of that file, so a
+//! config tree can be moved as a whole.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::deliver;
+use crate::secret::Charset;
+use crate::targets;
+
+/// Where `rotd` looks for its config when neither `--config` nor `$ROTD_CONFIG` is set.
+pub const DEFAULT_PATH: &str = "/etc/rotd/rotd.toml";
+
+/// One thing wrong with the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: PathBuf,
+    /// 1-based line, when the problem is at a place in the file.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(l) => write!(f, "{}:{}: {}", self.file.display(), l, self.message),
+            None => write!(f, "{}: {}", self.file.display(), self.message),
+        }
+    }
+}
+
+/// The configuration is invalid; every problem found is listed.
+#[derive(Debug, thiserror::Error)]
+pub struct Error(pub Vec<Problem>);
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The whole checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub store: Store,
+    pub daemon: Daemon,
+    pub schedules: Vec<Schedule>,
+}
+
+impl Config {
+    pub fn schedule(&self, name: &str) -> Option<&Schedule> {
+        self.schedules.iter().find(|s| s.name == name)
+    }
+}
+
+/// `[store]`.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pub path: PathBuf,
+    pub remote: Option<String>,
+    pub branch: String,
+    pub identity: PathBuf,
+    pub recipients: Option<PathBuf>,
+    pub signing_key: Option<PathBuf>,
+    /// Private key for an `ssh://` remote.
+    pub remote_ssh_key: Option<PathBuf>,
+    /// File holding a token for an `https://` remote (sent as the password).
+    pub remote_token_file: Option<PathBuf>,
+    pub author_name: String,
+    pub author_email: String,
+}
+
+/// `[daemon]`.
+#[derive(Debug, Clone)]
+pub struct Daemon {
+    pub schedules: PathBuf,
+    pub socket: PathBuf,
+    pub metrics: Option<SocketAddr>,
+}
+
+/// One `schedules/NAME.toml`.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    pub file: PathBuf,
+    pub name: String,
+    pub cron: Option<String>,
+    pub jitter: Duration,
+    pub grace: Duration,
+    pub length: usize,
+    pub charset: Charset,
+    pub target: targets::Config,
+    pub deliver: Vec<deliver::Spec>,
+    pub probe: Probe,
+}
+
+/// `[probe]` settings shared by every target.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    /// Time limit of one probe request.
+    pub timeout: Duration,
+    /// How many times the whole probe is tried before the rotation is rolled back.
+    pub attempts: u32,
+    /// Pause between attempts (and between query polls).
+    pub interval: Duration,
+    /// Generic HTTP probe (`files` target).
+    pub http: Option<HttpProbe>,
+    /// Data stream the Elasticsearch probe writes to.
+    pub index: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpProbe {
+    pub url: String,
+    /// `Name: value` template; placeholders as in `[[deliver]]`.
+    pub header: Option<String>,
+    pub expect: u16,
+}
+
+// ---------------------------------------------------------------- raw forms
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    store: RawStore,
+    #[serde(default)]
+    daemon: RawDaemon,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    path: Spanned<PathBuf>,
+    remote: Option<Spanned<String>>,
+    branch: Option<String>,
+    identity: Spanned<PathBuf>,
+    recipients: Option<Spanned<PathBuf>>,
+    signing_key: Option<Spanned<PathBuf>>,
+    remote_ssh_key: Option<Spanned<PathBuf>>,
+    remote_token_file: Option<Spanned<PathBuf>>,
+    author_name: Option<String>,
+    author_email: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    schedules: Option<Spanned<PathBuf>>,
+    socket: Option<PathBuf>,
+    metrics: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSchedule {
+    name: Spanned<String>,
+    schedule: Option<Spanned<String>>,
+    jitter: Option<Spanned<String>>,
+    grace: Option<Spanned<String>>,
+    #[serde(default)]
+    generate: RawGenerate,
+    target: Spanned<RawTarget>,
+    #[serde(default)]
+    deliver: Vec<Spanned<RawDeliver>>,
+    probe: Option<Spanned<RawProbe>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawGenerate {
+    length: Option<Spanned<i64>>,
+    charset: Option<Charset>,
+}
+
+/// Every target kind's settings in one table; [`validate_target`] rejects those that
+/// do not belong to the chosen kind.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTarget {
+    kind: Spanned<String>,
+    url: Option<Spanned<String>>,
+    web_config: Option<Spanned<PathBuf>>,
+    usernames: Option<Spanned<Vec<String>>>,
+    query_credential: Option<Spanned<String>>,
+    bcrypt_cost: Option<Spanned<u32>>,
+    ca: Option<Spanned<PathBuf>>,
+    admin_credential: Option<Spanned<String>>,
+    expiration: Option<Spanned<String>>,
+    permissions: Option<Vec<toml::Value>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDeliver {
+    path: Spanned<String>,
+    content: Option<Spanned<String>>,
+    template: Option<Spanned<PathBuf>>,
+    mode: Option<Spanned<ModeValue>>,
+    reload: Option<Spanned<RawReload>>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ModeValue {
+    Int(i64),
+    Str(String),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReload {
+    http_post: Option<String>,
+    signal: Option<String>,
+    pidfile: Option<PathBuf>,
+    exec: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProbe {
+    timeout: Option<Spanned<String>>,
+    attempts: Option<u32>,
+    interval: Option<Spanned<String>>,
+    http: Option<RawHttpProbe>,
+    index: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttpProbe {
+    url: String,
+    header: Option<String>,
+    expect: Option<u16>,
+}
+
+// ---------------------------------------------------------------- loading
+
+/// Collects problems for one file, turning byte spans into line numbers.
+pub(crate) struct Reporter<'a> {
+    file: &'a Path,
+    text: &'a str,
+    problems: &'a mut Vec<Problem>,
+}
+
+impl Reporter<'_> {
+    fn line_of(&self, offset: usize) -> usize {
+        let end = offset.min(self.text.len());
+        self.text.as_bytes()[..end]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
+    }
+
+    pub(crate) fn at<T>(&mut self, spanned: &Spanned<T>, message: impl Into<String>) {
+        let line = self.line_of(spanned.span().start);
+        self.problems.push(Problem {
+            file: self.file.to_owned(),
+            line: Some(line),
+            message: message.into(),
+        });
+    }
+
+    fn base(&self) -> &Path {
+        self.file.parent().unwrap_or(Path::new("."))
+    }
+
+    pub(crate) fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            self.base().join(p)
+        }
+    }
+}
+
+fn toml_problem(file: &Path, text: &str, e: &toml::de::Error) -> Problem {
+    let line = e.span().map(|s| {
+        text.as_bytes()[..s.start.min(text.len())]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
+    });
+    Problem {
+        file: file.to_owned(),
+        line,
+        message: format!("{}; fix the TOML and run `rotd check`", e.message()),
+    }
+}
+
+/// Loads and checks `rotd.toml` and every schedule it points to.
+pub fn load(path: &Path) -> Result<Config, Error> {
+    load_with(path, true)
+}
+
+/// Loads and checks `rotd.toml` only (`init`, `import`, `show` need no schedules).
+pub fn load_store_only(path: &Path) -> Result<Config, Error> {
+    load_with(path, false)
+}
+
+fn load_with(path: &Path, with_schedules: bool) -> Result<Config, Error> {
+    let mut problems = Vec::new();
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            return Err(Error(vec![Problem {
+                file: path.to_owned(),
+                line: None,
+                message: format!(
+                    "cannot read the configuration: {e}; pass --config PATH or set ROTD_CONFIG"
+                ),
+            }]))
+        }
+    };
+    let raw: RawConfig = match toml::from_str(&text) {
+        Ok(r) => r,
+        Err(e) => return Err(Error(vec![toml_problem(path, &text, &e)])),
+    };
+    let mut rep = Reporter {
+        file: path,
+        text: &text,
+        problems: &mut problems,
+    };
+    let store = Store {
+        path: rep.resolve(raw.store.path.get_ref()),
+        remote: raw.store.remote.map(|r| r.into_inner()),
+        branch: raw.store.branch.unwrap_or_else(|| "main".into()),
+        identity: rep.resolve(raw.store.identity.get_ref()),
+        recipients: raw
+            .store
+            .recipients
+            .as_ref()
+            .map(|p| rep.resolve(p.get_ref())),
+        signing_key: raw
+            .store
+            .signing_key
+            .as_ref()
+            .map(|p| rep.resolve(p.get_ref())),
+        remote_ssh_key: raw
+            .store
+            .remote_ssh_key
+            .as_ref()
+            .map(|p| rep.resolve(p.get_ref())),
+        remote_token_file: raw
+            .store
+            .remote_token_file
+            .as_ref()
+            .map(|p| rep.resolve(p.get_ref())),
+        author_name: raw.store.author_name.unwrap_or_else(|| "rotd".into()),
+        author_email: raw
+            .store
+            .author_email
+            .unwrap_or_else(|| "rotd@localhost".into()),
+    };
+    for (what, p) in [
+        ("recipients", &raw.store.recipients),
+        ("signing_key", &raw.store.signing_key),
+        ("remote_ssh_key", &raw.store.remote_ssh_key),
+        ("remote_token_file", &raw.store.remote_token_file),
+    ] {
+        if let Some(p) = p {
+            let full = rep.resolve(p.get_ref());
+            if !full.exists() {
+                rep.at(
+                    p,
+                    format!(
+                        "store.{what} = {:?} does not exist; create it or remove the setting",
+                        full
+                    ),
+                );
+            }
+        }
+    }
+    let schedules_dir = raw
+        .daemon
+        .schedules
+        .as_ref()
+        .map(|p| rep.resolve(p.get_ref()))
+        .unwrap_or_else(|| rep.base().join("schedules"));
+    if let Some(s) = raw.daemon.schedules.as_ref().filter(|_| with_schedules) {
+        if !schedules_dir.is_dir() {
+            rep.at(
+                s,
+                format!(
+                    "daemon.schedules = {:?} is not a directory; create it (`mkdir -p`) or fix the path",
+                    schedules_dir
+                ),
+            );
+        }
+    }
+    let metrics = match &raw.daemon.metrics {
+        None => None,
+        Some(m) => {
+            match m.get_ref().parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    rep.at(m, format!("daemon.metrics = {:?} is not an address:port such as \"127.0.0.1:9817\"", m.get_ref()));
+                    None
+                }
+            }
+        }
+    };
+    let daemon = Daemon {
+        schedules: schedules_dir.clone(),
+        socket: raw
+            .daemon
+            .socket
+            .map(|p| rep.resolve(&p))
+            .unwrap_or_else(|| PathBuf::from("/run/rotd/rotd.sock")),
+        metrics,
+    };
+    let mut schedules = Vec::new();
+    if with_schedules && schedules_dir.is_dir() {
+        let mut files: Vec<PathBuf> = match std::fs::read_dir(&schedules_dir) {
+            Ok(rd) => rd
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+                .collect(),
+            Err(e) => {
+                problems.push(Problem {
+                    file: schedules_dir.clone(),
+                    line: None,
+                    message: format!("cannot list the schedules directory: {e}"),
+                });
+                Vec::new()
+            }
+        };
+        files.sort();
+        for f in files {
+            if let Some(s) = load_schedule(&f, &mut problems) {
+                schedules.push(s);
+            }
+        }
+    }
+    check_references(&schedules, &store.path, &mut problems);
+    if problems.is_empty() {
+        Ok(Config {
+            path: path.to_owned(),
+            store,
+            daemon,
+            schedules,
+        })
+    } else {
+        Err(Error(problems))
+    }
+}
+
+/// Is `name` usable as a secret name (a file name in `secrets/`)?
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && !name.ends_with(".pending")
+}
+
+/// Parses a duration such as `15m`, `1h 30m`, `0s`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| {
+        format!("{s:?} is not a duration ({e}); write it like \"90s\", \"15m\" or \"1h 30m\"")
+    })
+}
+
+/// Loads one schedule file; problems go to `problems`.
+pub fn load_schedule(file: &Path, problems: &mut Vec<Problem>) -> Option<Schedule> {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => {
+            problems.push(Problem {
+                file: file.to_owned(),
+                line: None,
+                message: format!("cannot read the schedule: {e}"),
+            });
+            return None;
+        }
+    };
+    let raw: RawSchedule = match toml::from_str(&text) {
+        Ok(r) => r,
+        Err(e) => {
+            problems.push(toml_problem(file, &text, &e));
+            return None;
+        }
+    };
+    let before = problems.len();
+    let mut rep = Reporter {
+        file,
+        text: &text,
+        problems,
+    };
+    let name = raw.name.get_ref().clone();
+    if !valid_name(&name) {
+        rep.at(&raw.name, format!("name = {name:?} is not a valid secret name; use lower-case letters, digits, '-', '_' and '.', starting with a letter or digit"));
+    } else if file.file_stem().and_then(|s| s.to_str()) != Some(name.as_str()) {
+        rep.at(&raw.name, format!("name = {name:?} does not match the file name; rename the file to {name}.toml or change the name"));
+    }
+    let cron = raw
+        .schedule
+        .as_ref()
+        .and_then(|c| match validate_cron(c.get_ref()) {
+            Ok(()) => Some(c.get_ref().clone()),
+            Err(m) => {
+                rep.at(c, m);
+                None
+            }
+        });
+    let mut dur = |v: &Option<Spanned<String>>, what: &str, default: Duration| match v {
+        None => default,
+        Some(s) => parse_duration(s.get_ref()).unwrap_or_else(|m| {
+            rep.at(s, format!("{what}: {m}"));
+            default
+        }),
+    };
+    let jitter = dur(&raw.jitter, "jitter", Duration::ZERO);
+    let grace = dur(&raw.grace, "grace", Duration::from_secs(15 * 60));
+    let length = match &raw.generate.length {
+        None => 32,
+        Some(l) if (16..=4096).contains(l.get_ref()) => *l.get_ref() as usize,
+        Some(l) => {
+            rep.at(
+                l,
+                format!(
+                    "generate.length = {} is out of range; use 16 to 4096 characters",
+                    l.get_ref()
+                ),
+            );
+            32
+        }
+    };
+    let charset = raw.generate.charset.unwrap_or_default();
+    let (probe, probe_span) = match &raw.probe {
+        None => (
+            Probe {
+                timeout: Duration::from_secs(10),
+                attempts: 10,
+                interval: Duration::from_millis(500),
+                http: None,
+                index: None,
+            },
+            None,
+        ),
+        Some(p) => {
+            let span = p.span();
+            let p = p.get_ref();
+            let mut d = |v: &Option<Spanned<String>>, what: &str, default: Duration| match v {
+                None => default,
+                Some(s) => parse_duration(s.get_ref()).unwrap_or_else(|m| {
+                    rep.at(s, format!("probe.{what}: {m}"));
+                    default
+                }),
+            };
+            let timeout = d(&p.timeout, "timeout", Duration::from_secs(10));
+            let interval = d(&p.interval, "interval", Duration::from_millis(500));
+            (
+                Probe {
+                    timeout,
+                    interval,
+                    attempts: p.attempts.unwrap_or(10).max(1),
+                    http: p.http.as_ref().map(|h| HttpProbe {
+                        url: h.url.clone(),
+                        header: h.header.clone(),
+                        expect: h.expect.unwrap_or(200),
+                    }),
+                    index: p.index.clone(),
+                },
+                Some(span),
+            )
+        }
+    };
+    let target = targets::Config::from_raw(&raw.target, &probe, probe_span, &mut rep);
+    let mut deliver = Vec::new();
+    for d in &raw.deliver {
+        if let Some(spec) = validate_deliver(d, &mut rep) {
+            deliver.push(spec);
+        }
+    }
+    if problems.len() > before {
+        return None;
+    }
+    Some(Schedule {
+        file: file.to_owned(),
+        name,
+        cron,
+        jitter,
+        grace,
+        length,
+        charset,
+        target: target?,
+        deliver,
+        probe,
+    })
+}
+
+/// Checks a cron expression with seconds, as the daemon's scheduler reads it.
+pub fn validate_cron(expr: &str) -> Result<(), String> {
+    let fields = expr.split_whitespace().count();
+    if !(6..=7).contains(&fields) {
+        return Err(format!(
+            "schedule = {expr:?} has {fields} fields; rotd's cron has seconds first: \"sec min hour day month weekday\", e.g. \"0 0 3 * * Sun\""
+        ));
+    }
+    // croner takes 6 fields (with seconds); a 7th (year) field is accepted by the
+    // scheduler, checked here as "*" or a number range.
+    let six: Vec<&str> = expr.split_whitespace().take(6).collect();
+    croner::Cron::new(&six.join(" "))
+        .with_seconds_required()
+        .with_dom_and_dow()
+        .parse()
+        .map(|_| ())
+        .map_err(|e| {
+            format!(
+                "schedule = {expr:?} is not a valid cron expression ({e}); e.g. \"0 0 3 * * Sun\""
+            )
+        })
+}
+
+fn validate_deliver(d: &Spanned<RawDeliver>, rep: &mut Reporter<'_>) -> Option<deliver::Spec> {
+    let raw = d.get_ref();
+    let before = rep.problems.len();
+    let body = match (&raw.content, &raw.template) {
+        (Some(c), None) => {
+            if let Err(m) = deliver::check_placeholders(c.get_ref()) {
+                rep.at(c, format!("deliver.content: {m}"));
+            }
+            c.get_ref().clone()
+        }
+        (None, Some(t)) => {
+            let full = rep.resolve(t.get_ref());
+            match std::fs::read_to_string(&full) {
+                Ok(body) => {
+                    if let Err(m) = deliver::check_placeholders(&body) {
+                        rep.at(t, format!("template {}: {m}", full.display()));
+                    }
+                    body
+                }
+                Err(e) => {
+                    rep.at(
+                        t,
+                        format!(
+                            "template {} cannot be read: {e}; create it or fix the path",
+                            full.display()
+                        ),
+                    );
+                    String::new()
+                }
+            }
+        }
+        _ => {
+            rep.at(
+                d,
+                "a [[deliver]] needs exactly one of `content` or `template`",
+            );
+            String::new()
+        }
+    };
+    if let Err(m) = deliver::check_path_placeholders(raw.path.get_ref()) {
+        rep.at(&raw.path, format!("deliver.path: {m}"));
+    }
+    let path_template = raw.path.get_ref().clone();
+    if !Path::new(&path_template).is_absolute() {
+        rep.at(
+            &raw.path,
+            format!("deliver.path = {path_template:?} must be absolute"),
+        );
+    }
+    let mode = match &raw.mode {
+        None => 0o600,
+        Some(m) => {
+            let parsed = match m.get_ref() {
+                ModeValue::Int(i) => u32::try_from(*i).ok(),
+                ModeValue::Str(s) => u32::from_str_radix(s.trim_start_matches("0o"), 8).ok(),
+            };
+            match parsed {
+                Some(v) if v <= 0o777 => v,
+                _ => {
+                    rep.at(
+                        m,
+                        "deliver.mode must be an octal permission string such as \"0640\"",
+                    );
+                    0o600
+                }
+            }
+        }
+    };
+    if mode & 0o007 != 0 {
+        if let Some(m) = &raw.mode {
+            rep.at(m, format!("deliver.mode {mode:04o} lets every user read the secret; use \"0640\" with a group, or \"0600\""));
+        }
+    }
+    let reload = raw.reload.as_ref().and_then(|r| {
+        let v = r.get_ref();
+        let set = [v.http_post.is_some(), v.signal.is_some(), v.exec.is_some()]
+            .iter()
+            .filter(|b| **b)
+            .count();
+        if set != 1 {
+            rep.at(
+                r,
+                "reload needs exactly one of http_post, signal (with pidfile) or exec",
+            );
+            return None;
+        }
+        if let Some(u) = &v.http_post {
+            return Some(deliver::Reload::HttpPost(u.clone()));
+        }
+        if let Some(sig) = &v.signal {
+            let Some(pidfile) = &v.pidfile else {
+                rep.at(r, "reload with `signal` also needs `pidfile`");
+                return None;
+            };
+            return match deliver::parse_signal(sig) {
+                Ok(s) => Some(deliver::Reload::Signal {
+                    signal: s,
+                    pidfile: rep.resolve(pidfile),
+                }),
+                Err(m) => {
+                    rep.at(r, m);
+                    None
+                }
+            };
+        }
+        match &v.exec {
+            Some(argv) if !argv.is_empty() => Some(deliver::Reload::Exec(argv.clone())),
+            _ => {
+                rep.at(
+                    r,
+                    "reload.exec must name a program: exec = [\"systemctl\", \"reload\", \"svc\"]",
+                );
+                None
+            }
+        }
+    });
+    if rep.problems.len() > before {
+        return None;
+    }
+    Some(deliver::Spec {
+        path: path_template,
+        body,
+        mode,
+        reload,
+    })
+}
+
+/// Secret references (`query_credential`, `admin_credential`) must name a schedule or
+/// a secret already in the store.
+fn check_references(schedules: &[Schedule], store: &Path, problems: &mut Vec<Problem>) {
+    let names: BTreeSet<&str> = schedules.iter().map(|s| s.name.as_str()).collect();
+    let mut seen = BTreeMap::new();
+    for s in schedules {
+        if let Some(prev) = seen.insert(s.name.as_str(), &s.file) {
+            problems.push(Problem {
+                file: s.file.clone(),
+                line: None,
+                message: format!(
+                    "secret {:?} is also defined in {}; keep one",
+                    s.name,
+                    prev.display()
+                ),
+            });
+        }
+        for (field, r) in s.target.references() {
+            let in_store = store.join("secrets").join(format!("{r}.age")).exists();
+            if !names.contains(r) && !in_store {
+                problems.push(Problem {
+                    file: s.file.clone(),
+                    line: None,
+                    message: format!("target.{field} = {r:?} names no schedule and no secret in the store; run `rotd import {r}` with the credential on stdin, or fix the name"),
+                });
+            }
+            if r == s.name {
+                problems.push(Problem {
+                    file: s.file.clone(),
+                    line: None,
+                    message: format!(
+                        "target.{field} names the secret itself; it must be another credential"
+                    ),
+                });
+            }
+        }
+    }
+}
+
+impl RawTarget {
+    pub(crate) fn kind(&self) -> &Spanned<String> {
+        &self.kind
+    }
+
+    /// Reports every field set that `allowed` does not list.
+    pub(crate) fn only(&self, allowed: &[&str], rep: &mut Reporter<'_>, span: &Spanned<RawTarget>) {
+        let present = [
+            ("url", self.url.is_some()),
+            ("web_config", self.web_config.is_some()),
+            ("usernames", self.usernames.is_some()),
+            ("query_credential", self.query_credential.is_some()),
+            ("bcrypt_cost", self.bcrypt_cost.is_some()),
+            ("ca", self.ca.is_some()),
+            ("admin_credential", self.admin_credential.is_some()),
+            ("expiration", self.expiration.is_some()),
+            ("permissions", self.permissions.is_some()),
+        ];
+        for (field, set) in present {
+            if set && !allowed.contains(&field) {
+                rep.at(
+                    span,
+                    format!(
+                        "target.{field} is not a setting of kind {:?}; remove it",
+                        self.kind.get_ref()
+                    ),
+                );
+            }
+        }
+    }
+
+    pub(crate) fn url(&self) -> Option<&Spanned<String>> {
+        self.url.as_ref()
+    }
+    pub(crate) fn web_config(&self) -> Option<&Spanned<PathBuf>> {
+        self.web_config.as_ref()
+    }
+    pub(crate) fn usernames(&self) -> Option<&Spanned<Vec<String>>> {
+        self.usernames.as_ref()
+    }
+    pub(crate) fn query_credential(&self) -> Option<&Spanned<String>> {
+        self.query_credential.as_ref()
+    }
+    pub(crate) fn bcrypt_cost(&self) -> Option<&Spanned<u32>> {
+        self.bcrypt_cost.as_ref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cron_needs_seconds() {
+        validate_cron("0 0 3 * * Sun").unwrap();
+        validate_cron("*/5 * * * * *").unwrap();
+        assert!(validate_cron("0 3 * * *")
+            .unwrap_err()
+            .contains("seconds first"));
+        assert!(validate_cron("0 0 25 * * *").is_err());
+    }
+
+    #[test]
+    fn names() {
+        assert!(valid_name("prom-remote-write"));
+        assert!(!valid_name("../etc"));
+        assert!(!valid_name("x.pending"));
+        assert!(!valid_name("Upper"));
+    }
+}

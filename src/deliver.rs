@@ -1,0 +1,417 @@
+//! Handing a credential to the programs that use it: `[[deliver]]` (DESIGN §3).
+//!
+//! Each spec renders a file from a template (placeholders `{{secret}}`, `{{username}}`,
+//! `{{key_id}}`, `{{encoded}}`, `{{name}}`, `{{rotation_id}}`; in `path` only the
+//! non-secret ones), writes it atomically with its mode, in order; then each distinct
+//! reload runs once, in the order first named. Before writing, the previous contents
+//! of every path are kept in memory ([`Snapshot`], zeroized on drop) so that a failed
+//! rotation can put back exactly what was there. A crash loses the snapshot; recovery
+//! then renders the files again from the credential recorded in the store (the
+//! templates are deterministic), see `rotation`.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use zeroize::Zeroizing;
+
+use crate::fsutil;
+use crate::secret::Secret;
+
+/// One `[[deliver]]` block, checked.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// Path template (no secret placeholders).
+    pub path: String,
+    /// Body template (never a secret itself: it holds `{{secret}}`, not the value).
+    pub body: String,
+    pub mode: u32,
+    pub reload: Option<Reload>,
+}
+
+/// How a consumer is told to re-read its files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reload {
+    /// POST to a URL (Prometheus `/-/reload`); any 2xx is success.
+    HttpPost(String),
+    /// Send a signal to the pid in a pidfile.
+    Signal { signal: Signal, pidfile: PathBuf },
+    /// Run a program; exit status 0 is success.
+    Exec(Vec<String>),
+}
+
+impl std::fmt::Display for Reload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reload::HttpPost(u) => write!(f, "POST {u}"),
+            Reload::Signal { signal, pidfile } => {
+                write!(f, "{signal} to pid in {}", pidfile.display())
+            }
+            Reload::Exec(argv) => write!(f, "exec {}", argv.join(" ")),
+        }
+    }
+}
+
+/// Delivery or reload failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    File(#[from] fsutil::Error),
+    #[error("cannot create directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("template uses {{{{{0}}}}} but this target has no {0}")]
+    MissingValue(&'static str),
+    #[error("reload `{reload}` failed: {reason}")]
+    Reload { reload: String, reason: String },
+}
+
+const PLACEHOLDERS: &[&str] = &[
+    "secret",
+    "username",
+    "key_id",
+    "encoded",
+    "name",
+    "rotation_id",
+];
+const SECRET_PLACEHOLDERS: &[&str] = &["secret", "encoded"];
+
+/// Checks that every `{{…}}` in a template is a known placeholder.
+pub fn check_placeholders(template: &str) -> Result<(), String> {
+    for name in placeholders(template) {
+        if !PLACEHOLDERS.contains(&name) {
+            return Err(format!(
+                "unknown placeholder {{{{{name}}}}}; the placeholders are {}",
+                PLACEHOLDERS
+                    .iter()
+                    .map(|p| format!("{{{{{p}}}}}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a path template: known placeholders, and none that would put the secret in a
+/// file name.
+pub fn check_path_placeholders(template: &str) -> Result<(), String> {
+    check_placeholders(template)?;
+    if let Some(p) = placeholders(template).find(|p| SECRET_PLACEHOLDERS.contains(p)) {
+        return Err(format!(
+            "{{{{{p}}}}} may not appear in a path: file names are not secret"
+        ));
+    }
+    Ok(())
+}
+
+fn placeholders(template: &str) -> impl Iterator<Item = &str> {
+    template
+        .split("{{")
+        .skip(1)
+        .filter_map(|s| s.split_once("}}"))
+        .map(|(n, _)| n.trim())
+}
+
+/// Parses `HUP`, `SIGHUP`, `USR1`, … .
+pub fn parse_signal(s: &str) -> Result<Signal, String> {
+    let upper = s.trim().to_ascii_uppercase();
+    let full = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    full.parse::<Signal>()
+        .map_err(|_| format!("signal = {s:?} is not a signal name; use e.g. \"HUP\" or \"USR1\""))
+}
+
+/// The values a template may use.
+pub struct Vars<'a> {
+    pub secret: &'a Secret,
+    pub username: Option<&'a str>,
+    pub key_id: Option<&'a str>,
+    /// base64(key_id:secret), for Elasticsearch API keys.
+    pub encoded: Option<&'a Secret>,
+    pub name: &'a str,
+    pub rotation_id: &'a str,
+}
+
+impl Vars<'_> {
+    fn value(&self, placeholder: &str) -> Result<&str, Error> {
+        Ok(match placeholder {
+            "secret" => self.secret.expose(),
+            "username" => self.username.ok_or(Error::MissingValue("username"))?,
+            "key_id" => self.key_id.ok_or(Error::MissingValue("key_id"))?,
+            "encoded" => self.encoded.ok_or(Error::MissingValue("encoded"))?.expose(),
+            "name" => self.name,
+            "rotation_id" => self.rotation_id,
+            _ => "",
+        })
+    }
+}
+
+/// Replaces placeholders; the result may hold the secret, so it is zeroized on drop.
+pub fn render(template: &str, vars: &Vars<'_>) -> Result<Zeroizing<String>, Error> {
+    let mut out = Zeroizing::new(String::with_capacity(template.len() + 64));
+    let mut rest = template;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        match after.find("}}") {
+            Some(end) => {
+                out.push_str(vars.value(after[..end].trim())?);
+                rest = &after[end + 2..];
+            }
+            None => {
+                out.push_str(&rest[start..]);
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// The paths a set of specs renders to for these values.
+pub fn paths(specs: &[Spec], vars: &Vars<'_>) -> Result<Vec<PathBuf>, Error> {
+    specs
+        .iter()
+        .map(|s| render(&s.path, vars).map(|p| PathBuf::from(p.as_str())))
+        .collect()
+}
+
+/// What the delivered paths held before, to put it back on rollback.
+#[derive(Default)]
+pub struct Snapshot {
+    files: Vec<(PathBuf, Option<(Zeroizing<Vec<u8>>, u32)>)>,
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot")
+            .field(
+                "paths",
+                &self.files.iter().map(|(p, _)| p).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+/// Writes every file (snapshotting what was there), then runs the reloads.
+/// On a write error the files already written are restored before returning.
+pub async fn deliver(specs: &[Spec], vars: &Vars<'_>) -> Result<Snapshot, (Error, Snapshot)> {
+    let mut snap = Snapshot::default();
+    for spec in specs {
+        if let Err(e) = write_one(spec, vars, &mut snap) {
+            return Err((e, snap));
+        }
+    }
+    if let Err(e) = run_reloads(specs).await {
+        return Err((e, snap));
+    }
+    Ok(snap)
+}
+
+fn write_one(spec: &Spec, vars: &Vars<'_>, snap: &mut Snapshot) -> Result<(), Error> {
+    let path = PathBuf::from(render(&spec.path, vars)?.as_str());
+    let body = render(&spec.body, vars)?;
+    if !snap.files.iter().any(|(p, _)| p == &path) {
+        let before = fsutil::read_optional(&path)?.map(|b| {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path)
+                .map(|m| m.permissions().mode() & 0o777)
+                .unwrap_or(spec.mode);
+            (Zeroizing::new(b), mode)
+        });
+        snap.files.push((path.clone(), before));
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| Error::Dir {
+            path: dir.to_owned(),
+            source,
+        })?;
+    }
+    fsutil::write_atomic(&path, body.as_bytes(), spec.mode)?;
+    Ok(())
+}
+
+/// Puts every snapshotted path back as it was (removing files that did not exist),
+/// then runs the reloads so consumers re-read them.
+pub async fn restore(specs: &[Spec], snap: Snapshot) -> Result<(), Error> {
+    for (path, before) in &snap.files {
+        match before {
+            Some((bytes, mode)) => fsutil::write_atomic(path, bytes, *mode)?,
+            None => fsutil::remove_durable(path)?,
+        }
+    }
+    run_reloads(specs).await
+}
+
+/// Runs each distinct reload once, in the order first named.
+pub async fn run_reloads(specs: &[Spec]) -> Result<(), Error> {
+    let mut done = BTreeSet::new();
+    for r in specs.iter().filter_map(|s| s.reload.as_ref()) {
+        let key = r.to_string();
+        if done.insert(key) {
+            reload(r).await?;
+        }
+    }
+    Ok(())
+}
+
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(60);
+
+async fn reload(r: &Reload) -> Result<(), Error> {
+    let fail = |reason: String| Error::Reload {
+        reload: r.to_string(),
+        reason,
+    };
+    tracing::debug!(reload = %r, "reloading consumer");
+    match r {
+        Reload::HttpPost(url) => {
+            let client = reqwest::Client::builder()
+                .timeout(RELOAD_TIMEOUT)
+                .build()
+                .map_err(|e| fail(e.to_string()))?;
+            let resp = client
+                .post(url)
+                .send()
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            let status = resp.status();
+            if !status.is_success() {
+                let body = resp.text().await.unwrap_or_default();
+                return Err(fail(format!("HTTP {status}: {}", truncate(&body, 300))));
+            }
+            Ok(())
+        }
+        Reload::Signal { signal, pidfile } => {
+            let text = std::fs::read_to_string(pidfile)
+                .map_err(|e| fail(format!("cannot read pidfile {}: {e}", pidfile.display())))?;
+            let pid: i32 = text
+                .trim()
+                .parse()
+                .map_err(|_| fail(format!("pidfile {} holds no pid", pidfile.display())))?;
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), *signal)
+                .map_err(|e| fail(format!("kill({pid}): {e}")))
+        }
+        Reload::Exec(argv) => {
+            let mut cmd = tokio::process::Command::new(&argv[0]);
+            cmd.args(&argv[1..])
+                .stdin(std::process::Stdio::null())
+                .kill_on_drop(true);
+            let out = tokio::time::timeout(RELOAD_TIMEOUT, cmd.output())
+                .await
+                .map_err(|_| fail(format!("did not finish within {RELOAD_TIMEOUT:?}")))?
+                .map_err(|e| fail(e.to_string()))?;
+            if !out.status.success() {
+                return Err(fail(format!(
+                    "{}: {}",
+                    out.status,
+                    truncate(&String::from_utf8_lossy(&out.stderr), 300)
+                )));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Shortens text quoted from a peer in an error.
+pub fn truncate(s: &str, max: usize) -> String {
+    let s = s.trim();
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// Expands a path template with non-secret values only (for plans and status).
+pub fn display_path(template: &str, username: Option<&str>, name: &str) -> String {
+    template
+        .replace("{{username}}", username.unwrap_or("{{username}}"))
+        .replace("{{name}}", name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(s: &Secret) -> Vars<'_> {
+        Vars {
+            secret: s,
+            username: Some("writer-b"),
+            key_id: None,
+            encoded: None,
+            name: "n",
+            rotation_id: "r1",
+        }
+    }
+
+    #[test]
+    fn renders_placeholders() {
+        let s = Secret::new("pw".into());
+        let out = render(
+            "u={{username}} p={{ secret }} id={{rotation_id}}",
+            &vars(&s),
+        )
+        .unwrap();
+        assert_eq!(out.as_str(), "u=writer-b p=pw id=r1");
+        assert!(matches!(
+            render("{{key_id}}", &vars(&s)),
+            Err(Error::MissingValue("key_id"))
+        ));
+    }
+
+    #[test]
+    fn placeholder_checks() {
+        check_placeholders("{{secret}} {{username}}").unwrap();
+        assert!(check_placeholders("{{pasword}}")
+            .unwrap_err()
+            .contains("unknown placeholder"));
+        assert!(check_path_placeholders("/x/{{secret}}").is_err());
+        check_path_placeholders("/x/{{username}}.password").unwrap();
+    }
+
+    #[test]
+    fn signals() {
+        assert_eq!(parse_signal("HUP").unwrap(), Signal::SIGHUP);
+        assert_eq!(parse_signal("sigusr1").unwrap(), Signal::SIGUSR1);
+        assert!(parse_signal("NOPE").is_err());
+    }
+
+    #[tokio::test]
+    async fn restore_puts_back_bytes_and_removes_new_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        std::fs::write(&a, "old").unwrap();
+        let specs = vec![
+            Spec {
+                path: a.display().to_string(),
+                body: "new {{secret}}".into(),
+                mode: 0o600,
+                reload: None,
+            },
+            Spec {
+                path: dir.path().join("{{username}}.pw").display().to_string(),
+                body: "{{secret}}".into(),
+                mode: 0o600,
+                reload: None,
+            },
+        ];
+        let s = Secret::new("pw".into());
+        let snap = deliver(&specs, &vars(&s)).await.unwrap();
+        assert_eq!(std::fs::read_to_string(&a).unwrap(), "new pw");
+        assert!(dir.path().join("writer-b.pw").exists());
+        restore(&specs, snap).await.unwrap();
+        assert_eq!(std::fs::read_to_string(&a).unwrap(), "old");
+        assert!(!dir.path().join("writer-b.pw").exists());
+    }
+}

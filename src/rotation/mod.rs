@@ -1,0 +1,642 @@
+//! The rotation engine (DESIGN §5). The git store is the journal.
+//!
+//! One rotation of secret NAME, and what a crash or a failure at each step leaves:
+//!
+//! | step | what happens | a failure here | a crash (SIGKILL) after it |
+//! |---|---|---|---|
+//! | 1 plan | take NAME's lock; roll back any unfinished rotation of NAME; fetch and fast-forward the store; read the current record and the target (nothing is written) | exit 1, nothing changed | nothing changed |
+//! | 2 pending | generate the secret (ring), encrypt, commit `secrets/NAME.pending.age` (`Rotd-Step: pending`), push: the push is the compare-and-swap between instances | nothing reached a target; a rejected push drops the local commit; exit 1 | the pending record is in git; no target knows it yet; recovery removes it |
+//! | 3 apply | install on the target so that old AND new are valid (the idle user) | rollback | recovery rolls back: the idle user's previous hash (recorded in the pending record) is restored |
+//! | 4 deliver | consumer files written atomically, reloads run | rollback: files restored byte for byte from memory, reloaded | recovery renders the consumer files again from the current (old) record, removes files only the new one had, reloads |
+//! | 5 probe | prove data flows with the NEW credential | rollback | as 4 |
+//! | 6 commit | `secrets/NAME.age` := new record (with what to retire and when), pending removed, `Rotd-Step: succeeded`, push | exit 2 if the commit itself fails (the new credential is live and recorded as pending; the next run rolls it back) | the commit is atomic: either still pending (recovery rolls back) or succeeded |
+//! | 7 retire | after `grace`: old credential removed from the target, `Rotd-Step: retired` | left for `rotd retire`/the daemon; status shows it | retire runs again (idempotent) |
+//!
+//! Rollback = target rollback, consumers restored and reloaded, pending removed in a
+//! `rolled-back` commit. If the target rollback itself fails, the pending record is
+//! KEPT (it describes a credential that may still be valid), a `failed` commit says
+//! what is left, and the exit code is 2; the next rotation or start-up retries it.
+//!
+//! Invariant: every credential valid on a target is recorded, encrypted, in git (as
+//! current, pending, or — during grace — in the current record's history) before
+//! anything depends on it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{Config, Schedule};
+use crate::deliver::{self, Vars};
+use crate::secret::{self, Secret};
+use crate::store::record::key;
+use crate::store::{self, rel_path, Change, Message, Push, Record, Slot, Store};
+use crate::targets;
+
+/// A rotation could not run or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no schedule named {0:?}; list them with `rotd status`")]
+    UnknownSecret(String),
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    #[error(transparent)]
+    Random(#[from] secret::RandomError),
+    #[error("internal task failed: {0}")]
+    Join(String),
+}
+
+/// Who started a rotation (`Rotd-Trigger`).
+#[derive(Debug, Clone)]
+pub enum Trigger {
+    Schedule,
+    Manual { uid: u32, user: Option<String> },
+    Recovery,
+}
+
+impl std::fmt::Display for Trigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Trigger::Schedule => f.write_str("schedule"),
+            Trigger::Manual { uid, user: Some(u) } => write!(f, "manual uid={uid} user={u}"),
+            Trigger::Manual { uid, user: None } => write!(f, "manual uid={uid}"),
+            Trigger::Recovery => f.write_str("recovery"),
+        }
+    }
+}
+
+impl Trigger {
+    /// A manual trigger for the calling process's user.
+    pub fn manual_here() -> Trigger {
+        let uid = nix::unistd::getuid();
+        let user = nix::unistd::User::from_uid(uid)
+            .ok()
+            .flatten()
+            .map(|u| u.name);
+        Trigger::Manual {
+            uid: uid.as_raw(),
+            user,
+        }
+    }
+}
+
+/// How a rotation ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Succeeded {
+        rotation: String,
+        retired: bool,
+    },
+    /// Failed and fully rolled back: the old credential is valid (exit 1).
+    RolledBack {
+        rotation: String,
+        reason: String,
+    },
+    /// Another instance holds the rotation (push rejected / lock busy) (exit 1).
+    Aborted {
+        reason: String,
+    },
+    /// Failed and NOT fully rolled back (exit 2): `left` says what a human must do.
+    Failed {
+        rotation: String,
+        reason: String,
+        left: String,
+    },
+}
+
+impl Outcome {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Outcome::Succeeded { .. } => 0,
+            Outcome::RolledBack { .. } | Outcome::Aborted { .. } => 1,
+            Outcome::Failed { .. } => 2,
+        }
+    }
+}
+
+/// The steps after which the test hook `ROTD_FAULT_KILL_AFTER=<step>` kills rotd.
+pub const STEPS: &[&str] = &["pending", "apply", "deliver", "probe", "commit"];
+
+/// Test hook: SIGKILL this process right after `step` when the environment asks.
+/// It exists to prove the journal's guarantees with real kills (tests/crash.rs).
+fn fault_point(step: &str) {
+    if std::env::var("ROTD_FAULT_KILL_AFTER").as_deref() == Ok(step) {
+        tracing::warn!(step, "ROTD_FAULT_KILL_AFTER: killing rotd");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// Runs blocking store work off the async runtime.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, store::Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Join(e.to_string()))?
+        .map_err(Error::from)
+}
+
+fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// Replaces any appearance of the given secrets in text bound for a log or commit.
+fn scrub(text: &str, secrets: &[&Secret]) -> String {
+    let mut s = text.to_owned();
+    for sec in secrets {
+        if sec.len() >= 4 {
+            s = s.replace(sec.expose(), "**REDACTED**");
+        }
+    }
+    s
+}
+
+/// Drives rotations of the secrets in one configuration.
+pub struct Engine {
+    pub config: Arc<Config>,
+    pub store: Arc<Store>,
+}
+
+impl Engine {
+    pub fn new(config: Arc<Config>, store: Arc<Store>) -> Engine {
+        Engine { config, store }
+    }
+
+    fn schedule(&self, name: &str) -> Result<&Schedule, Error> {
+        self.config
+            .schedule(name)
+            .ok_or_else(|| Error::UnknownSecret(name.to_owned()))
+    }
+
+    fn vars<'a>(sched: &'a Schedule, rec: &'a Record, rotation: &'a str) -> Vars<'a> {
+        Vars {
+            secret: &rec.secret,
+            username: rec.username(),
+            key_id: rec.key_id(),
+            encoded: None,
+            name: &sched.name,
+            rotation_id: rotation,
+        }
+    }
+
+    fn message(
+        sched: &Schedule,
+        step: &str,
+        rotation: &str,
+        trigger: &Trigger,
+        rec: Option<&Record>,
+    ) -> Message {
+        Message::new(format!("rotate {}: {step}", sched.name))
+            .trailer("Rotd-Secret", &sched.name)
+            .trailer("Rotd-Rotation", rotation)
+            .trailer("Rotd-Step", step)
+            .trailer("Rotd-Trigger", trigger.to_string())
+            .trailer("Rotd-Target", sched.target.describe(rec))
+    }
+
+    /// Rotates one secret now.
+    pub async fn rotate(&self, name: &str, trigger: Trigger) -> Result<Outcome, Error> {
+        let sched = self.schedule(name)?.clone();
+        let store = self.store.clone();
+        let lock_name = name.to_owned();
+        let _lock = blocking(move || store.lock_secret(&lock_name, true)).await?;
+
+        // 1 plan
+        self.recover_locked(&sched).await?;
+        let store = self.store.clone();
+        if !blocking(move || store.sync_from_remote()).await? {
+            tracing::warn!(
+                secret = name,
+                "store remote unreachable; rotating on the local store, pushing later"
+            );
+        }
+        let store = self.store.clone();
+        let n = name.to_owned();
+        let current = blocking(move || store.read(&n, Slot::Current)).await?;
+        let rotation = ulid::Ulid::new().to_string();
+        let plan = match sched.target.plan(current.as_ref()) {
+            Ok(p) => p,
+            Err(e) => {
+                return Ok(Outcome::Aborted {
+                    reason: format!("cannot plan the rotation: {e}"),
+                })
+            }
+        };
+        tracing::info!(secret = name, rotation = %rotation, trigger = %trigger, username = ?plan.username, "rotation started");
+
+        // 2 pending
+        let new_secret = secret::generate(sched.length, sched.charset)?;
+        let mut pending = Record::new(new_secret)
+            .with(key::CREATED, now_rfc3339())
+            .with(key::ROTATION, &rotation);
+        if let Some(u) = &plan.username {
+            pending.set(key::USERNAME, u);
+        }
+        for (k, v) in &plan.meta {
+            pending.set(k, v);
+        }
+        let fp = self.store.fingerprint(&pending.secret);
+        let msg = Self::message(&sched, "pending", &rotation, &trigger, Some(&pending))
+            .trailer("Rotd-Fingerprint", &fp);
+        let store = self.store.clone();
+        let rec = pending.clone();
+        let n = name.to_owned();
+        let pending_commit = blocking(move || {
+            let bytes = store.encrypt_record(&rec)?;
+            store.commit(
+                vec![Change::Put {
+                    path: rel_path(&n, Slot::Pending),
+                    bytes,
+                }],
+                &msg,
+            )
+        })
+        .await?;
+        let store = self.store.clone();
+        match blocking(move || store.push()).await? {
+            Push::Rejected(reason) => {
+                let store = self.store.clone();
+                blocking(move || store.drop_commit(pending_commit)).await?;
+                return Ok(Outcome::Aborted {
+                    reason: format!("the store remote moved ({reason}): another rotd instance is rotating; nothing was changed"),
+                });
+            }
+            Push::Unreachable(reason) => {
+                tracing::warn!(secret = name, %reason, "cannot push the pending commit; going on locally")
+            }
+            Push::Pushed | Push::NoRemote => {}
+        }
+        fault_point("pending");
+
+        // 3 apply, 4 deliver, 5 probe
+        let mut undo = None;
+        let mut snapshot = None;
+        let result: Result<targets::ProbeReport, String> = async {
+            undo = Some(
+                sched
+                    .target
+                    .apply(&pending)
+                    .map_err(|e| format!("apply: {e}"))?,
+            );
+            fault_point("apply");
+            let vars = Self::vars(&sched, &pending, &rotation);
+            match deliver::deliver(&sched.deliver, &vars).await {
+                Ok(s) => snapshot = Some(s),
+                Err((e, s)) => {
+                    snapshot = Some(s);
+                    return Err(format!("deliver: {e}"));
+                }
+            }
+            fault_point("deliver");
+            let store = self.store.clone();
+            let lookup = move |n: &str| store.read(n, Slot::Current);
+            let ctx = targets::ProbeContext {
+                name: &sched.name,
+                rotation_id: &rotation,
+                probe: &sched.probe,
+                lookup: &lookup,
+            };
+            let report = sched
+                .target
+                .probe(&pending, &ctx)
+                .await
+                .map_err(|e| format!("probe: {e}"))?;
+            fault_point("probe");
+            Ok(report)
+        }
+        .await;
+
+        let report = match result {
+            Ok(r) => r,
+            Err(reason) => {
+                let reason = scrub(&reason, &[&pending.secret]);
+                tracing::warn!(secret = name, rotation = %rotation, %reason, "rotation failed; rolling back");
+                return self
+                    .roll_back(
+                        &sched,
+                        &pending,
+                        current.as_ref(),
+                        undo.as_ref(),
+                        snapshot,
+                        &rotation,
+                        &trigger,
+                        &reason,
+                    )
+                    .await;
+            }
+        };
+
+        // 6 commit
+        let mut new_current = pending.clone();
+        new_current.remove(key::RESTORE_HASH);
+        let retire_after =
+            chrono::Utc::now() + chrono::Duration::from_std(sched.grace).unwrap_or_default();
+        let retire_after_s = retire_after.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        if let Some(old) = &plan.retire_username {
+            new_current.set(key::RETIRE_USERNAME, old);
+            new_current.set(key::RETIRE_AFTER, &retire_after_s);
+        }
+        let probe_trailer = format!("ok {}ms", report.elapsed.as_millis());
+        let mut msg = Self::message(&sched, "succeeded", &rotation, &trigger, Some(&new_current))
+            .trailer("Rotd-Fingerprint", &fp)
+            .trailer("Rotd-Probe", probe_trailer);
+        if plan.retire_username.is_some() {
+            msg = msg.trailer("Rotd-Retire-After", &retire_after_s);
+        }
+        let store = self.store.clone();
+        let n = name.to_owned();
+        let rec = new_current.clone();
+        let committed = blocking(move || {
+            let bytes = store.encrypt_record(&rec)?;
+            store.commit(
+                vec![
+                    Change::Put {
+                        path: rel_path(&n, Slot::Current),
+                        bytes,
+                    },
+                    Change::Remove {
+                        path: rel_path(&n, Slot::Pending),
+                    },
+                ],
+                &msg,
+            )
+        })
+        .await;
+        if let Err(e) = committed {
+            return Ok(Outcome::Failed {
+                rotation,
+                reason: format!("the succeeded commit failed: {e}"),
+                left: format!("the new credential is live and recorded in {}; run `rotd rotate {name}` again to roll it back", rel_path(name, Slot::Pending)),
+            });
+        }
+        fault_point("commit");
+        self.push_logged().await;
+        tracing::info!(secret = name, rotation = %rotation, probe_ms = report.elapsed.as_millis() as u64, "rotation succeeded");
+
+        // 7 retire (now, when the grace has already passed)
+        let mut retired = false;
+        if sched.grace == Duration::ZERO && plan.retire_username.is_some() {
+            retired = self.retire_locked(&sched).await.is_ok();
+        }
+        Ok(Outcome::Succeeded { rotation, retired })
+    }
+
+    async fn push_logged(&self) {
+        let store = self.store.clone();
+        match blocking(move || store.push()).await {
+            Ok(Push::Pushed) | Ok(Push::NoRemote) => {}
+            Ok(Push::Rejected(r)) | Ok(Push::Unreachable(r)) => {
+                tracing::warn!(reason = %r, "cannot push the store; the commit stays local and is pushed later")
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot push the store"),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn roll_back(
+        &self,
+        sched: &Schedule,
+        pending: &Record,
+        current: Option<&Record>,
+        undo: Option<&targets::Undo>,
+        snapshot: Option<deliver::Snapshot>,
+        rotation: &str,
+        trigger: &Trigger,
+        reason: &str,
+    ) -> Result<Outcome, Error> {
+        let mut left = Vec::new();
+        if let Err(e) = sched.target.rollback(pending, undo) {
+            left.push(format!("target: {e}"));
+        }
+        let consumers = match snapshot {
+            Some(s) => deliver::restore(&sched.deliver, s).await,
+            None => Ok(()),
+        };
+        if let Err(e) = consumers {
+            left.push(format!("consumers: {e}"));
+        }
+        let _ = current;
+        self.finish_rollback(sched, pending, rotation, trigger, reason, left)
+            .await
+    }
+
+    /// Commits the end of a rollback: `rolled-back` (pending removed) when nothing is
+    /// left, else `failed` with the pending record kept.
+    async fn finish_rollback(
+        &self,
+        sched: &Schedule,
+        pending: &Record,
+        rotation: &str,
+        trigger: &Trigger,
+        reason: &str,
+        left: Vec<String>,
+    ) -> Result<Outcome, Error> {
+        let reason = scrub(reason, &[&pending.secret]);
+        let left_s = scrub(&left.join("; "), &[&pending.secret]);
+        let fp = self.store.fingerprint(&pending.secret);
+        let (step, changes) = if left.is_empty() {
+            (
+                "rolled-back",
+                vec![Change::Remove {
+                    path: rel_path(&sched.name, Slot::Pending),
+                }],
+            )
+        } else {
+            ("failed", Vec::new())
+        };
+        let mut msg = Self::message(sched, step, rotation, trigger, Some(pending))
+            .trailer("Rotd-Fingerprint", fp)
+            .trailer("Rotd-Error", &reason);
+        if !left.is_empty() {
+            msg = msg.trailer("Rotd-Left", &left_s);
+        }
+        let store = self.store.clone();
+        blocking(move || store.commit(changes, &msg)).await?;
+        self.push_logged().await;
+        if left.is_empty() {
+            tracing::info!(secret = %sched.name, rotation, "rolled back; the old credential is in use");
+            Ok(Outcome::RolledBack {
+                rotation: rotation.to_owned(),
+                reason,
+            })
+        } else {
+            tracing::error!(secret = %sched.name, rotation, left = %left_s, "rollback incomplete");
+            Ok(Outcome::Failed {
+                rotation: rotation.to_owned(),
+                reason,
+                left: format!("{left_s}; the new credential stays recorded in {} until a later run rolls it back", rel_path(&sched.name, Slot::Pending)),
+            })
+        }
+    }
+
+    /// Finishes every unfinished rotation found at HEAD (start-up recovery).
+    pub async fn recover_all(&self) -> Result<Vec<(String, Outcome)>, Error> {
+        let store = self.store.clone();
+        blocking(move || store.reset_worktree()).await?;
+        let store = self.store.clone();
+        let (_, pending) = blocking(move || store.names()).await?;
+        let mut out = Vec::new();
+        for name in pending {
+            let Some(sched) = self.config.schedule(&name).cloned() else {
+                tracing::error!(secret = %name, "a rotation is unfinished but its schedule is gone; restore the schedule file so rotd can roll it back");
+                continue;
+            };
+            let store = self.store.clone();
+            let n = name.clone();
+            let _lock = blocking(move || store.lock_secret(&n, true)).await?;
+            if let Some(o) = self.recover_locked(&sched).await? {
+                out.push((name, o));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Rolls back an unfinished rotation of `sched` (caller holds its lock).
+    async fn recover_locked(&self, sched: &Schedule) -> Result<Option<Outcome>, Error> {
+        let store = self.store.clone();
+        let n = sched.name.clone();
+        let (pending, current) = blocking(move || {
+            store.reset_worktree()?;
+            Ok((
+                store.read(&n, Slot::Pending)?,
+                store.read(&n, Slot::Current)?,
+            ))
+        })
+        .await?;
+        let Some(pending) = pending else {
+            return Ok(None);
+        };
+        let rotation = pending.get(key::ROTATION).unwrap_or("unknown").to_owned();
+        tracing::warn!(secret = %sched.name, rotation = %rotation, "found an unfinished rotation; rolling it back");
+        let mut left = Vec::new();
+        if let Err(e) = sched.target.rollback(&pending, None) {
+            left.push(format!("target: {e}"));
+        }
+        if let Err(e) = self.redeliver(sched, &pending, current.as_ref()).await {
+            left.push(format!("consumers: {e}"));
+        }
+        let outcome = self
+            .finish_rollback(
+                sched,
+                &pending,
+                &rotation,
+                &Trigger::Recovery,
+                "unfinished rotation found at start-up",
+                left,
+            )
+            .await?;
+        Ok(Some(outcome))
+    }
+
+    /// Puts the consumers back on the current credential after a crash: renders the
+    /// files from the current record, removes files only the pending one produced,
+    /// reloads.
+    async fn redeliver(
+        &self,
+        sched: &Schedule,
+        pending: &Record,
+        current: Option<&Record>,
+    ) -> Result<(), deliver::Error> {
+        let pending_rotation = pending.get(key::ROTATION).unwrap_or("").to_owned();
+        let new_paths = deliver::paths(
+            &sched.deliver,
+            &Self::vars(sched, pending, &pending_rotation),
+        )?;
+        let cur_rotation = current
+            .and_then(|c| c.get(key::ROTATION))
+            .unwrap_or("")
+            .to_owned();
+        let cur_paths = match current {
+            Some(c) => deliver::paths(&sched.deliver, &Self::vars(sched, c, &cur_rotation))?,
+            None => Vec::new(),
+        };
+        for p in new_paths.iter().filter(|p| !cur_paths.contains(p)) {
+            crate::fsutil::remove_durable(p)?;
+        }
+        match current {
+            Some(c) => {
+                deliver::deliver(&sched.deliver, &Self::vars(sched, c, &cur_rotation))
+                    .await
+                    .map_err(|(e, _)| e)?;
+            }
+            None => deliver::run_reloads(&sched.deliver).await?,
+        }
+        Ok(())
+    }
+
+    /// Carries out every retirement whose grace has passed.
+    pub async fn retire_due(&self) -> Result<Vec<(String, Result<String, String>)>, Error> {
+        let mut out = Vec::new();
+        for sched in self.config.schedules.clone() {
+            let store = self.store.clone();
+            let n = sched.name.clone();
+            let lock = match blocking(move || store.lock_secret(&n, false)).await {
+                Ok(l) => l,
+                Err(Error::Store(store::Error::Busy(_))) => continue,
+                Err(e) => return Err(e),
+            };
+            let store = self.store.clone();
+            let n = sched.name.clone();
+            let Some(cur) = blocking(move || store.read(&n, Slot::Current)).await? else {
+                continue;
+            };
+            let Some(after) = cur.get(key::RETIRE_AFTER) else {
+                continue;
+            };
+            let due = chrono::DateTime::parse_from_rfc3339(after)
+                .map(|t| t <= chrono::Utc::now())
+                .unwrap_or(true);
+            if !due {
+                continue;
+            }
+            let r = self.retire_locked(&sched).await;
+            drop(lock);
+            out.push((sched.name.clone(), r));
+        }
+        Ok(out)
+    }
+
+    /// Retires the old credential of `sched` now (caller holds its lock).
+    async fn retire_locked(&self, sched: &Schedule) -> Result<String, String> {
+        let store = self.store.clone();
+        let n = sched.name.clone();
+        let cur = blocking(move || store.read(&n, Slot::Current))
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| "no current credential".to_owned())?;
+        let what = sched.target.retire(&cur).map_err(|e| {
+            tracing::warn!(secret = %sched.name, error = %e, "retire failed; will retry");
+            e.to_string()
+        })?;
+        let mut rec = cur.clone();
+        rec.remove(key::RETIRE_USERNAME);
+        rec.remove(key::RETIRE_KEY_ID);
+        rec.remove(key::RETIRE_AFTER);
+        let rotation = cur.get(key::ROTATION).unwrap_or("unknown").to_owned();
+        let retired = what
+            .clone()
+            .unwrap_or_else(|| "nothing on the target".into());
+        let msg = Message::new(format!("retire {}: {retired}", sched.name))
+            .trailer("Rotd-Secret", &sched.name)
+            .trailer("Rotd-Rotation", &rotation)
+            .trailer("Rotd-Step", "retired")
+            .trailer("Rotd-Trigger", "schedule")
+            .trailer("Rotd-Target", sched.target.describe(Some(&cur)))
+            .trailer("Rotd-Retired", &retired);
+        let store = self.store.clone();
+        let n = sched.name.clone();
+        blocking(move || {
+            let bytes = store.encrypt_record(&rec)?;
+            store.commit(
+                vec![Change::Put {
+                    path: rel_path(&n, Slot::Current),
+                    bytes,
+                }],
+                &msg,
+            )
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        self.push_logged().await;
+        tracing::info!(secret = %sched.name, retired = %retired, "old credential retired");
+        Ok(retired)
+    }
+}

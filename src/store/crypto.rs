@@ -1,0 +1,205 @@
+//! age encryption for the store: the daemon's identity, the recipients, ASCII armor.
+//!
+//! Every secret is encrypted to every recipient in the recipients file plus the
+//! daemon's own X25519 identity, so the daemon can always read back what it wrote and
+//! each listed person (age X25519 or ssh-ed25519/ssh-rsa key) can decrypt with stock
+//! `age`. The identity file is refused if group or others can read it.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use age::secrecy::ExposeSecret;
+use ring::digest;
+use zeroize::Zeroizing;
+
+use crate::fsutil;
+
+/// Keys could not be loaded, or encryption failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    File(#[from] fsutil::Error),
+    #[error("identity file {0} holds no AGE-SECRET-KEY line; run `rotd init` to create one, or point store.identity at an age-keygen identity")]
+    NoIdentity(PathBuf),
+    #[error("identity file {path}: line {line} is not a valid age identity")]
+    BadIdentity { path: PathBuf, line: usize },
+    #[error("recipients file {path}: line {line} is not an age1… or ssh-ed25519/ssh-rsa public key ({reason}); fix or remove that line")]
+    BadRecipient {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+    #[error("cannot encrypt: {0}")]
+    Encrypt(String),
+    #[error("cannot decrypt {what}: {reason}")]
+    Decrypt { what: String, reason: String },
+}
+
+/// One recipient line, kept with its text for `.age-recipients`.
+pub struct Recipient {
+    pub text: String,
+    inner: Box<dyn age::Recipient + Send + Sync>,
+}
+
+/// The daemon's identity and the recipients every secret is encrypted to.
+pub struct Keys {
+    identity: age::x25519::Identity,
+    recipients: Vec<Recipient>,
+    fingerprint_key: Zeroizing<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keys")
+            .field("identity", &self.identity.to_public().to_string())
+            .field(
+                "recipients",
+                &self.recipients.iter().map(|r| &r.text).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl Keys {
+    /// Loads the identity (refusing an open file) and the optional recipients file.
+    pub fn load(identity: &Path, recipients: Option<&Path>) -> Result<Keys, Error> {
+        fsutil::check_private(identity)?;
+        let text = Zeroizing::new(
+            String::from_utf8(fsutil::read(identity)?.to_vec())
+                .map_err(|_| Error::NoIdentity(identity.to_owned()))?,
+        );
+        let mut found = None;
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.starts_with("AGE-SECRET-KEY-") {
+                found = Some(age::x25519::Identity::from_str(line).map_err(|_| {
+                    Error::BadIdentity {
+                        path: identity.to_owned(),
+                        line: i + 1,
+                    }
+                })?);
+                break;
+            }
+        }
+        let identity_key = found.ok_or_else(|| Error::NoIdentity(identity.to_owned()))?;
+        let secret_text = identity_key.to_string();
+        let fingerprint_key = {
+            let mut ctx = digest::Context::new(&digest::SHA256);
+            ctx.update(b"rotd fingerprint key v1\0");
+            ctx.update(secret_text.expose_secret().as_bytes());
+            Zeroizing::new(ctx.finish().as_ref().to_vec())
+        };
+        let mut recips = vec![parse_recipient(
+            &identity_key.to_public().to_string(),
+            identity,
+            0,
+        )?];
+        if let Some(path) = recipients {
+            let text = String::from_utf8_lossy(&fsutil::read(path)?).into_owned();
+            for (i, line) in text.lines().enumerate() {
+                let line = line.trim();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                let r = parse_recipient(line, path, i + 1)?;
+                if !recips.iter().any(|x| x.text == r.text) {
+                    recips.push(r);
+                }
+            }
+        }
+        Ok(Keys {
+            identity: identity_key,
+            recipients: recips,
+            fingerprint_key,
+        })
+    }
+
+    /// A new X25519 identity in age-keygen's file format.
+    pub fn generate_identity_file() -> (Zeroizing<String>, String) {
+        let id = age::x25519::Identity::generate();
+        let public = id.to_public().to_string();
+        let created = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let text = Zeroizing::new(format!(
+            "# created: {created}\n# public key: {public}\n{}\n",
+            id.to_string().expose_secret()
+        ));
+        (text, public)
+    }
+
+    pub fn public_key(&self) -> String {
+        self.identity.to_public().to_string()
+    }
+
+    /// The recipient lines, daemon first: the content of `.age-recipients`.
+    pub fn recipients_file(&self) -> String {
+        let mut s = String::new();
+        for r in &self.recipients {
+            s.push_str(&r.text);
+            s.push('\n');
+        }
+        s
+    }
+
+    pub fn fingerprint_key(&self) -> &[u8] {
+        &self.fingerprint_key
+    }
+
+    /// Encrypts to every recipient, ASCII-armored.
+    pub fn encrypt(&self, plaintext: &[u8]) -> Result<Vec<u8>, Error> {
+        let enc = age::Encryptor::with_recipients(
+            self.recipients
+                .iter()
+                .map(|r| r.inner.as_ref() as &dyn age::Recipient),
+        )
+        .map_err(|e| Error::Encrypt(e.to_string()))?;
+        let mut out = Vec::with_capacity(plaintext.len() + 512);
+        let armored =
+            age::armor::ArmoredWriter::wrap_output(&mut out, age::armor::Format::AsciiArmor)
+                .map_err(|e| Error::Encrypt(e.to_string()))?;
+        let mut w = enc
+            .wrap_output(armored)
+            .map_err(|e| Error::Encrypt(e.to_string()))?;
+        w.write_all(plaintext)
+            .map_err(|e| Error::Encrypt(e.to_string()))?;
+        w.finish()
+            .and_then(|a| a.finish())
+            .map_err(|e| Error::Encrypt(e.to_string()))?;
+        Ok(out)
+    }
+
+    /// Decrypts an (armored or binary) age file with the daemon's identity.
+    pub fn decrypt(&self, ciphertext: &[u8], what: &str) -> Result<Zeroizing<Vec<u8>>, Error> {
+        let fail = |reason: String| Error::Decrypt {
+            what: what.to_owned(),
+            reason,
+        };
+        let dec = age::Decryptor::new_buffered(age::armor::ArmoredReader::new(ciphertext))
+            .map_err(|e| fail(e.to_string()))?;
+        let mut r = dec
+            .decrypt(std::iter::once(&self.identity as &dyn age::Identity))
+            .map_err(|e| fail(e.to_string()))?;
+        let mut out = Zeroizing::new(Vec::new());
+        r.read_to_end(&mut out).map_err(|e| fail(e.to_string()))?;
+        Ok(out)
+    }
+}
+
+fn parse_recipient(line: &str, path: &Path, lineno: usize) -> Result<Recipient, Error> {
+    let bad = |reason: String| Error::BadRecipient {
+        path: path.to_owned(),
+        line: lineno,
+        reason,
+    };
+    let inner: Box<dyn age::Recipient + Send + Sync> = if line.starts_with("age1") {
+        Box::new(age::x25519::Recipient::from_str(line).map_err(|e| bad(e.to_string()))?)
+    } else if line.starts_with("ssh-") {
+        Box::new(age::ssh::Recipient::from_str(line).map_err(|e| bad(format!("{e:?}")))?)
+    } else {
+        return Err(bad("unknown key type".into()));
+    };
+    Ok(Recipient {
+        text: line.to_owned(),
+        inner,
+    })
+}

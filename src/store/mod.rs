@@ -1,0 +1,618 @@
+//! The store: a plain git repository of age-encrypted secrets (DESIGN §4).
+//!
+//! Layout (contract): `.age-recipients` (one recipient a line), `secrets/NAME.age`
+//! (the current credential), `secrets/NAME.pending.age` (only while a rotation of NAME
+//! is in flight). Commit messages end in `Rotd-*` trailers.
+//!
+//! The repository is the journal and the lock:
+//! * every change is a commit made under an exclusive `flock` on `.git/rotd.lock`
+//!   (CLI processes and the daemon share it; the kernel drops it when a process dies);
+//! * a rotation holds `.git/rotd-locks/NAME.lock` from plan to the end, so rotations
+//!   of one secret are serialized on this host;
+//! * between hosts, pushing the `pending` commit is a compare-and-swap on the remote
+//!   branch: a rejected push means another instance got there first.
+//!
+//! libgit2's fsync of the git directory is switched on, so a commit that returned is
+//! on disk. Secrets are read from the commit at HEAD, never from the work tree; the
+//! work tree is kept equal to HEAD for the stock tools (`age -d secrets/NAME.age`).
+
+pub mod crypto;
+pub mod record;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Once};
+
+use git2::{Oid, Repository, Signature};
+use nix::fcntl::{Flock, FlockArg};
+
+use crate::config;
+use crate::fsutil;
+use crate::secret::Secret;
+pub use crypto::Keys;
+pub use record::Record;
+
+/// A store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the store at {0} is not initialised: run `rotd init`")]
+    NotInitialised(PathBuf),
+    #[error("git operation on the store failed: {0}")]
+    Git(#[from] git2::Error),
+    #[error(transparent)]
+    File(#[from] fsutil::Error),
+    #[error(transparent)]
+    Crypto(#[from] crypto::Error),
+    #[error("{path} in the store is damaged: {source}")]
+    Record {
+        path: String,
+        #[source]
+        source: record::Error,
+    },
+    #[error("cannot take the lock {path}: {source}")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("a rotation of {0} is already running (another rotd holds its lock)")]
+    Busy(String),
+    #[error("the local store and the remote have diverged; resolve it by hand (`git -C {0} pull --rebase`) before rotating")]
+    Diverged(PathBuf),
+    #[error("cannot fetch from the remote: {0}")]
+    Fetch(String),
+}
+
+/// Which file of a secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    Current,
+    Pending,
+}
+
+/// The path of a secret's file inside the store.
+pub fn rel_path(name: &str, slot: Slot) -> String {
+    match slot {
+        Slot::Current => format!("secrets/{name}.age"),
+        Slot::Pending => format!("secrets/{name}.pending.age"),
+    }
+}
+
+/// One change in a commit.
+pub enum Change {
+    Put { path: String, bytes: Vec<u8> },
+    Remove { path: String },
+}
+
+/// A commit message: a subject and `Rotd-*` trailers.
+#[derive(Debug, Clone, Default)]
+pub struct Message {
+    pub subject: String,
+    pub body: Option<String>,
+    pub trailers: Vec<(String, String)>,
+}
+
+impl Message {
+    pub fn new(subject: impl Into<String>) -> Message {
+        Message {
+            subject: subject.into(),
+            ..Default::default()
+        }
+    }
+
+    pub fn trailer(mut self, key: &str, value: impl Into<String>) -> Message {
+        let value: String = value.into();
+        self.trailers
+            .push((key.to_owned(), value.replace('\n', " ")));
+        self
+    }
+
+    pub fn render(&self) -> String {
+        let mut s = format!("{}\n\n", self.subject);
+        if let Some(b) = &self.body {
+            s.push_str(b.trim_end());
+            s.push_str("\n\n");
+        }
+        for (k, v) in &self.trailers {
+            s.push_str(&format!("{k}: {v}\n"));
+        }
+        s
+    }
+}
+
+/// The result of a push.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Push {
+    /// No remote configured.
+    NoRemote,
+    Pushed,
+    /// The remote branch moved: another instance committed first.
+    Rejected(String),
+    /// The remote could not be reached; commits stay local and are pushed later.
+    Unreachable(String),
+}
+
+/// A held `flock`; released on drop (and by the kernel if the process dies).
+pub struct Lock {
+    _file: Flock<File>,
+}
+
+/// The git store with its keys.
+pub struct Store {
+    cfg: config::Store,
+    keys: Arc<Keys>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.cfg.path)
+            .finish()
+    }
+}
+
+static FSYNC: Once = Once::new();
+
+fn enable_fsync() {
+    FSYNC.call_once(|| {
+        // SAFETY: libgit2 option call with a documented int argument; git2 has
+        // initialised libgit2 before any Repository is opened, and Once serializes it.
+        unsafe {
+            git2::opts::strict_hash_verification(true);
+            libgit2_sys::init();
+            libgit2_sys::git_libgit2_opts(
+                libgit2_sys::GIT_OPT_ENABLE_FSYNC_GITDIR as std::ffi::c_int,
+                1,
+            );
+        }
+    });
+}
+
+impl Store {
+    /// Opens an initialised store, loading the keys.
+    pub fn open(cfg: &config::Store) -> Result<Store, Error> {
+        enable_fsync();
+        if !cfg.path.join(".git").is_dir() {
+            return Err(Error::NotInitialised(cfg.path.clone()));
+        }
+        let keys = Keys::load(&cfg.identity, cfg.recipients.as_deref())?;
+        Ok(Store {
+            cfg: cfg.clone(),
+            keys: Arc::new(keys),
+        })
+    }
+
+    /// Creates the store repository (and the identity if missing). Idempotent.
+    pub fn init(cfg: &config::Store) -> Result<InitReport, Error> {
+        enable_fsync();
+        let mut report = InitReport::default();
+        if !cfg.identity.exists() {
+            if let Some(dir) = cfg.identity.parent() {
+                create_private_dir(dir)?;
+            }
+            let (text, public) = Keys::generate_identity_file();
+            fsutil::write_atomic(&cfg.identity, text.as_bytes(), 0o600)?;
+            report.identity_created = Some(public);
+        }
+        let keys = Keys::load(&cfg.identity, cfg.recipients.as_deref())?;
+        create_private_dir(&cfg.path)?;
+        let repo = match Repository::open(&cfg.path) {
+            Ok(r) => r,
+            Err(_) => {
+                let mut opts = git2::RepositoryInitOptions::new();
+                opts.initial_head(&cfg.branch).mkdir(true);
+                report.repo_created = true;
+                Repository::init_opts(&cfg.path, &opts)?
+            }
+        };
+        if let Some(url) = &cfg.remote {
+            match repo.find_remote("origin") {
+                Ok(r) if r.url() == Some(url.as_str()) => {}
+                Ok(_) => repo.remote_set_url("origin", url)?,
+                Err(_) => {
+                    repo.remote("origin", url)?;
+                }
+            }
+        }
+        let store = Store {
+            cfg: cfg.clone(),
+            keys: Arc::new(keys),
+        };
+        let recipients = store.keys.recipients_file();
+        let head_recipients = store.read_head_file(&repo, ".age-recipients")?;
+        if head_recipients.as_deref() != Some(recipients.as_bytes()) {
+            let _lock = store.lock_store()?;
+            store.commit_locked(
+                &repo,
+                vec![Change::Put {
+                    path: ".age-recipients".into(),
+                    bytes: recipients.into_bytes(),
+                }],
+                &Message::new("init store: recipients").trailer("Rotd-Step", "init"),
+            )?;
+            report.committed = true;
+        }
+        drop(repo);
+        if cfg.remote.is_some() {
+            report.push = Some(store.push()?);
+        }
+        Ok(report)
+    }
+
+    pub fn config(&self) -> &config::Store {
+        &self.cfg
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    pub fn repo(&self) -> Result<Repository, Error> {
+        Ok(Repository::open(&self.cfg.path)?)
+    }
+
+    pub fn fingerprint(&self, secret: &Secret) -> String {
+        crate::secret::fingerprint(self.keys.fingerprint_key(), secret)
+    }
+
+    /// Takes the store-wide lock that every commit is made under.
+    pub fn lock_store(&self) -> Result<Lock, Error> {
+        self.flock(&self.cfg.path.join(".git").join("rotd.lock"), true, "")
+    }
+
+    /// Takes the lock of one secret's rotation; `wait` blocks until it is free.
+    pub fn lock_secret(&self, name: &str, wait: bool) -> Result<Lock, Error> {
+        let dir = self.cfg.path.join(".git").join("rotd-locks");
+        std::fs::create_dir_all(&dir).map_err(|source| Error::Lock {
+            path: dir.clone(),
+            source,
+        })?;
+        self.flock(&dir.join(format!("{name}.lock")), wait, name)
+    }
+
+    fn flock(&self, path: &Path, wait: bool, name: &str) -> Result<Lock, Error> {
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(|source| Error::Lock {
+                path: path.to_owned(),
+                source,
+            })?;
+        let arg = if wait {
+            FlockArg::LockExclusive
+        } else {
+            FlockArg::LockExclusiveNonblock
+        };
+        match Flock::lock(file, arg) {
+            Ok(f) => Ok(Lock { _file: f }),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(Error::Busy(name.to_owned())),
+            Err((_, e)) => Err(Error::Lock {
+                path: path.to_owned(),
+                source: e.into(),
+            }),
+        }
+    }
+
+    fn read_head_file(&self, repo: &Repository, path: &str) -> Result<Option<Vec<u8>>, Error> {
+        let head = match repo.head() {
+            Ok(h) => h.peel_to_tree()?,
+            Err(_) => return Ok(None),
+        };
+        match head.get_path(Path::new(path)) {
+            Ok(entry) => Ok(Some(repo.find_blob(entry.id())?.content().to_vec())),
+            Err(e) if e.code() == git2::ErrorCode::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Reads and decrypts one secret from HEAD.
+    pub fn read(&self, name: &str, slot: Slot) -> Result<Option<Record>, Error> {
+        let repo = self.repo()?;
+        let path = rel_path(name, slot);
+        match self.read_head_file(&repo, &path)? {
+            None => Ok(None),
+            Some(bytes) => self.decrypt_record(&bytes, &path).map(Some),
+        }
+    }
+
+    pub fn decrypt_record(&self, bytes: &[u8], what: &str) -> Result<Record, Error> {
+        let plain = self.keys.decrypt(bytes, what)?;
+        Record::parse(&plain).map_err(|source| Error::Record {
+            path: what.to_owned(),
+            source,
+        })
+    }
+
+    pub fn encrypt_record(&self, record: &Record) -> Result<Vec<u8>, Error> {
+        Ok(self.keys.encrypt(&record.to_plaintext())?)
+    }
+
+    /// The raw (encrypted) bytes of a file at HEAD.
+    pub fn head_bytes(&self, path: &str) -> Result<Option<Vec<u8>>, Error> {
+        let repo = self.repo()?;
+        self.read_head_file(&repo, path)
+    }
+
+    /// Names of secrets at HEAD: (current, pending).
+    pub fn names(&self) -> Result<(Vec<String>, Vec<String>), Error> {
+        let repo = self.repo()?;
+        let mut current = Vec::new();
+        let mut pending = Vec::new();
+        let tree = match repo.head() {
+            Ok(h) => h.peel_to_tree()?,
+            Err(_) => return Ok((current, pending)),
+        };
+        let Ok(entry) = tree.get_path(Path::new("secrets")) else {
+            return Ok((current, pending));
+        };
+        let sub = repo.find_tree(entry.id())?;
+        for e in sub.iter() {
+            let Some(n) = e.name() else { continue };
+            if let Some(stem) = n.strip_suffix(".pending.age") {
+                pending.push(stem.to_owned());
+            } else if let Some(stem) = n.strip_suffix(".age") {
+                current.push(stem.to_owned());
+            }
+        }
+        Ok((current, pending))
+    }
+
+    /// Commits `changes` under the store lock and returns the commit id.
+    pub fn commit(&self, changes: Vec<Change>, msg: &Message) -> Result<Oid, Error> {
+        let _lock = self.lock_store()?;
+        let repo = self.repo()?;
+        self.commit_locked(&repo, changes, msg)
+    }
+
+    fn commit_locked(
+        &self,
+        repo: &Repository,
+        changes: Vec<Change>,
+        msg: &Message,
+    ) -> Result<Oid, Error> {
+        let workdir = repo
+            .workdir()
+            .ok_or_else(|| Error::NotInitialised(self.cfg.path.clone()))?
+            .to_owned();
+        let mut index = repo.index()?;
+        for c in &changes {
+            match c {
+                Change::Put { path, bytes } => {
+                    let full = workdir.join(path);
+                    if let Some(d) = full.parent() {
+                        create_private_dir(d)?;
+                    }
+                    fsutil::write_atomic(&full, bytes, 0o600)?;
+                    index.add_path(Path::new(path))?;
+                }
+                Change::Remove { path } => {
+                    fsutil::remove_durable(&workdir.join(path))?;
+                    if index.get_path(Path::new(path), 0).is_some() {
+                        index.remove_path(Path::new(path))?;
+                    }
+                }
+            }
+        }
+        index.write()?;
+        let tree_id = index.write_tree()?;
+        let tree = repo.find_tree(tree_id)?;
+        let sig = Signature::now(&self.cfg.author_name, &self.cfg.author_email)?;
+        let parent = match repo.head() {
+            Ok(h) => Some(h.peel_to_commit()?),
+            Err(_) => None,
+        };
+        let parents: Vec<&git2::Commit> = parent.iter().collect();
+        let oid = repo.commit(Some("HEAD"), &sig, &sig, &msg.render(), &tree, &parents)?;
+        tracing::debug!(commit = %oid, subject = %msg.subject, "committed");
+        Ok(oid)
+    }
+
+    /// Makes the work tree's `secrets/` and `.age-recipients` equal to HEAD again
+    /// (after a crash between writing a file and committing it).
+    pub fn reset_worktree(&self) -> Result<(), Error> {
+        let _lock = self.lock_store()?;
+        let repo = self.repo()?;
+        if repo.head().is_err() {
+            return Ok(());
+        }
+        let mut co = git2::build::CheckoutBuilder::new();
+        co.force()
+            .remove_untracked(true)
+            .path("secrets")
+            .path(".age-recipients");
+        repo.checkout_head(Some(&mut co))?;
+        // The index may hold staged changes of an interrupted commit.
+        let head_tree = repo.head()?.peel_to_tree()?;
+        let mut index = repo.index()?;
+        index.read_tree(&head_tree)?;
+        index.write()?;
+        Ok(())
+    }
+
+    /// Moves HEAD back to `oid`'s parent (a pending commit whose push was rejected).
+    pub fn drop_commit(&self, oid: Oid) -> Result<(), Error> {
+        let _lock = self.lock_store()?;
+        let repo = self.repo()?;
+        let commit = repo.find_commit(oid)?;
+        let parent = commit.parent(0)?;
+        repo.reset(parent.as_object(), git2::ResetType::Hard, None)?;
+        Ok(())
+    }
+
+    fn callbacks(&self) -> git2::RemoteCallbacks<'_> {
+        let mut cb = git2::RemoteCallbacks::new();
+        let ssh_key = self.cfg.remote_ssh_key.clone();
+        let token_file = self.cfg.remote_token_file.clone();
+        let mut tries = 0;
+        cb.credentials(move |_url, username, allowed| {
+            tries += 1;
+            if tries > 3 {
+                return Err(git2::Error::from_str(
+                    "remote refused the configured credentials",
+                ));
+            }
+            if allowed.contains(git2::CredentialType::SSH_KEY) {
+                if let Some(k) = &ssh_key {
+                    return git2::Cred::ssh_key(username.unwrap_or("git"), None, k, None);
+                }
+            }
+            if allowed.contains(git2::CredentialType::USER_PASS_PLAINTEXT) {
+                if let Some(t) = &token_file {
+                    let token = std::fs::read_to_string(t).map_err(|e| {
+                        git2::Error::from_str(&format!(
+                            "cannot read remote_token_file {}: {e}",
+                            t.display()
+                        ))
+                    })?;
+                    return git2::Cred::userpass_plaintext(
+                        username.unwrap_or("rotd"),
+                        token.trim(),
+                    );
+                }
+            }
+            git2::Cred::default()
+        });
+        cb
+    }
+
+    /// Pushes the branch to the remote (when one is configured).
+    pub fn push(&self) -> Result<Push, Error> {
+        if self.cfg.remote.is_none() {
+            return Ok(Push::NoRemote);
+        }
+        let repo = self.repo()?;
+        let mut remote = repo.find_remote("origin")?;
+        let rejected = std::cell::RefCell::new(None::<String>);
+        let mut cb = self.callbacks();
+        cb.push_update_reference(|_refname, status| {
+            if let Some(s) = status {
+                *rejected.borrow_mut() = Some(s.to_owned());
+            }
+            Ok(())
+        });
+        let mut opts = git2::PushOptions::new();
+        opts.remote_callbacks(cb);
+        let spec = format!("refs/heads/{b}:refs/heads/{b}", b = self.cfg.branch);
+        let result = remote.push(&[spec.as_str()], Some(&mut opts));
+        drop(opts);
+        if let Some(reason) = rejected.into_inner() {
+            return Ok(Push::Rejected(reason));
+        }
+        match result {
+            Ok(()) => {
+                // Keep the remote-tracking ref in step, so `status` can count unpushed commits.
+                if let Ok(head) = repo.head().and_then(|h| h.peel_to_commit()) {
+                    let _ = repo.reference(
+                        &format!("refs/remotes/origin/{}", self.cfg.branch),
+                        head.id(),
+                        true,
+                        "rotd push",
+                    );
+                }
+                Ok(Push::Pushed)
+            }
+            Err(e)
+                if e.code() == git2::ErrorCode::NotFastForward
+                    || e.message().contains("non-fast-forward")
+                    || e.message().contains("not present locally") =>
+            {
+                Ok(Push::Rejected(e.message().to_owned()))
+            }
+            Err(e) => Ok(Push::Unreachable(e.message().to_owned())),
+        }
+    }
+
+    /// Fetches the remote branch and fast-forwards to it when this clone is behind.
+    /// Returns Ok(false) when the remote could not be reached.
+    pub fn sync_from_remote(&self) -> Result<bool, Error> {
+        if self.cfg.remote.is_none() {
+            return Ok(true);
+        }
+        let _lock = self.lock_store()?;
+        let repo = self.repo()?;
+        let mut remote = repo.find_remote("origin")?;
+        let mut fo = git2::FetchOptions::new();
+        fo.remote_callbacks(self.callbacks());
+        let b = &self.cfg.branch;
+        let refspec = format!("+refs/heads/{b}:refs/remotes/origin/{b}");
+        if let Err(e) = remote.fetch(&[refspec.as_str()], Some(&mut fo), None) {
+            tracing::warn!(error = %e.message(), "cannot fetch from the store remote; going on with the local store");
+            return Ok(false);
+        }
+        let Ok(theirs) = repo.refname_to_id(&format!("refs/remotes/origin/{b}")) else {
+            return Ok(true); // remote branch does not exist yet
+        };
+        let ours = match repo.head() {
+            Ok(h) => h.peel_to_commit()?.id(),
+            Err(_) => {
+                repo.reference(
+                    &format!("refs/heads/{b}"),
+                    theirs,
+                    true,
+                    "rotd: adopt remote",
+                )?;
+                repo.set_head(&format!("refs/heads/{b}"))?;
+                repo.checkout_head(Some(git2::build::CheckoutBuilder::new().force()))?;
+                return Ok(true);
+            }
+        };
+        if ours == theirs || repo.graph_descendant_of(ours, theirs)? {
+            return Ok(true);
+        }
+        if repo.graph_descendant_of(theirs, ours)? {
+            let target = repo.find_commit(theirs)?;
+            repo.reset(target.as_object(), git2::ResetType::Hard, None)?;
+            tracing::info!(commit = %theirs, "fast-forwarded the store to the remote");
+            return Ok(true);
+        }
+        Err(Error::Diverged(self.cfg.path.clone()))
+    }
+
+    /// Commits on the branch that the remote-tracking branch does not have.
+    pub fn unpushed(&self) -> Result<Option<usize>, Error> {
+        if self.cfg.remote.is_none() {
+            return Ok(None);
+        }
+        let repo = self.repo()?;
+        let Ok(head) = repo.head().and_then(|h| h.peel_to_commit()) else {
+            return Ok(Some(0));
+        };
+        match repo.refname_to_id(&format!("refs/remotes/origin/{}", self.cfg.branch)) {
+            Ok(theirs) => Ok(Some(repo.graph_ahead_behind(head.id(), theirs)?.0)),
+            Err(_) => {
+                let mut walk = repo.revwalk()?;
+                walk.push(head.id())?;
+                Ok(Some(walk.count()))
+            }
+        }
+    }
+}
+
+/// Creates a directory (and parents) with mode 0700 for the ones it creates.
+fn create_private_dir(dir: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.as_os_str().is_empty() || dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| {
+            Error::File(fsutil::Error::Write {
+                path: dir.to_owned(),
+                source,
+            })
+        })
+}
+
+/// What `rotd init` did.
+#[derive(Debug, Default)]
+pub struct InitReport {
+    pub identity_created: Option<String>,
+    pub repo_created: bool,
+    pub committed: bool,
+    pub push: Option<Push>,
+}

@@ -1,0 +1,63 @@
+//! `files` target: a credential that a service reads from its own config or a file
+//! (an APM Server `secret_token`, an app's password file).
+//!
+//! Nothing is installed on a server: the secret is only delivered through
+//! `[[deliver]]` templates and reloads, so there is no moment when two values are
+//! valid, and nothing to retire. The optional generic HTTP probe (`[probe] http`)
+//! proves that the service accepts the new value after its reload.
+
+use toml::Spanned;
+
+use super::{http_probe, Error, ProbeContext, ProbeReport};
+use crate::config::{self, RawTarget, Reporter};
+use crate::store::Record;
+
+pub const KIND: &str = "files";
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub http: Option<config::HttpProbe>,
+}
+
+impl Config {
+    pub(crate) fn from_raw(
+        raw: &Spanned<RawTarget>,
+        probe: &config::Probe,
+        probe_span: Option<std::ops::Range<usize>>,
+        rep: &mut Reporter<'_>,
+    ) -> Option<Config> {
+        raw.get_ref().only(&[], rep, raw);
+        if probe.index.is_some() {
+            let at = Spanned::new(probe_span.clone().unwrap_or(raw.span()), ());
+            rep.at(
+                &at,
+                "probe.index is an Elasticsearch setting; a `files` target probes with probe.http",
+            );
+        }
+        if let Some(h) = &probe.http {
+            if let Some(hdr) = &h.header {
+                if !hdr.contains(':') {
+                    let at = Spanned::new(probe_span.clone().unwrap_or(raw.span()), ());
+                    rep.at(&at, "probe.http.header must look like \"Name: value\", e.g. \"Authorization: Bearer {{secret}}\"");
+                }
+                if let Err(m) = crate::deliver::check_placeholders(hdr) {
+                    let at = Spanned::new(probe_span.clone().unwrap_or(raw.span()), ());
+                    rep.at(&at, format!("probe.http.header: {m}"));
+                }
+            }
+        }
+        Some(Config {
+            http: probe.http.clone(),
+        })
+    }
+
+    pub async fn probe(&self, new: &Record, ctx: &ProbeContext<'_>) -> Result<ProbeReport, Error> {
+        match &self.http {
+            None => Ok(ProbeReport {
+                elapsed: std::time::Duration::ZERO,
+                detail: "none".into(),
+            }),
+            Some(h) => http_probe::run(h, new, ctx).await,
+        }
+    }
+}

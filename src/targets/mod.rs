@@ -1,0 +1,212 @@
+//! Targets: where a credential is installed and proven (DESIGN §3, §5).
+//!
+//! A closed set, so an enum: each kind lives in its own file with its probe beside it.
+//! The rotation engine drives every kind through the same steps:
+//!
+//! * `plan` — read the target's state (before anything is written) and decide what the
+//!   new credential is called (the idle user); recorded in the pending commit;
+//! * `apply` — make the new credential valid while the old one stays valid;
+//! * `probe` — prove with the new credential that data flows;
+//! * `rollback` — make the new credential invalid again, leaving the old one;
+//! * `retire` — after the grace period, make the old credential invalid.
+//!
+//! Every step is idempotent, so recovery after a crash can run it again.
+
+pub mod files;
+pub mod http_probe;
+pub mod prometheus;
+
+use std::time::Duration;
+
+use toml::Spanned;
+
+use crate::config::{self, RawTarget, Reporter};
+use crate::deliver;
+use crate::fsutil;
+use crate::store::{self, Record};
+
+/// A target step failed. Messages never quote a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    File(#[from] fsutil::Error),
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    #[error("web config {path}: {reason}")]
+    WebConfig { path: String, reason: String },
+    #[error("probe failed: {0}")]
+    Probe(String),
+    #[error("{0}")]
+    Plan(String),
+    #[error("cannot hash the password: {0}")]
+    Hash(String),
+    #[error(transparent)]
+    Deliver(#[from] deliver::Error),
+}
+
+/// A target's checked configuration.
+#[derive(Debug, Clone)]
+pub enum Config {
+    Prometheus(prometheus::Config),
+    Files(files::Config),
+}
+
+impl Config {
+    pub(crate) fn from_raw(
+        raw: &Spanned<RawTarget>,
+        probe: &config::Probe,
+        probe_span: Option<std::ops::Range<usize>>,
+        rep: &mut Reporter<'_>,
+    ) -> Option<Config> {
+        let t = raw.get_ref();
+        match t.kind().get_ref().as_str() {
+            prometheus::KIND => prometheus::Config::from_raw(raw, rep).map(Config::Prometheus),
+            files::KIND => files::Config::from_raw(raw, probe, probe_span, rep).map(Config::Files),
+            "elasticsearch-api-key" | "elasticsearch-user-password" => {
+                rep.at(t.kind(), format!("target kind {:?} is not supported by this build of rotd yet; use \"prometheus-remote-write\" or \"files\"", t.kind().get_ref()));
+                None
+            }
+            other => {
+                rep.at(t.kind(), format!("unknown target kind {other:?}; the kinds are \"prometheus-remote-write\" and \"files\""));
+                None
+            }
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Config::Prometheus(_) => prometheus::KIND,
+            Config::Files(_) => files::KIND,
+        }
+    }
+
+    /// Other secrets this target uses: (field, name).
+    pub fn references(&self) -> Vec<(&'static str, &str)> {
+        match self {
+            Config::Prometheus(c) => c
+                .query_credential
+                .as_deref()
+                .map(|q| vec![("query_credential", q)])
+                .unwrap_or_default(),
+            Config::Files(_) => Vec::new(),
+        }
+    }
+
+    /// The `Rotd-Target` trailer value for a credential.
+    pub fn describe(&self, record: Option<&Record>) -> String {
+        let user = record.and_then(|r| r.username());
+        match self {
+            Config::Prometheus(c) => format!(
+                "{} {}{}",
+                prometheus::KIND,
+                c.url,
+                user.map(|u| format!(" user={u}")).unwrap_or_default()
+            ),
+            Config::Files(_) => files::KIND.to_owned(),
+        }
+    }
+}
+
+/// What `plan` decided, written into the pending record.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub username: Option<String>,
+    /// The credential that becomes the old one and is retired after the grace.
+    pub retire_username: Option<String>,
+    /// Extra metadata for the pending record (e.g. the hash to restore).
+    pub meta: Vec<(String, String)>,
+}
+
+/// In-memory undo data from `apply`, for an exact in-process rollback.
+#[derive(Debug, Default)]
+pub struct Undo {
+    pub before: Option<Vec<u8>>,
+    pub after: Option<Vec<u8>>,
+}
+
+/// A successful probe.
+#[derive(Debug)]
+pub struct ProbeReport {
+    pub elapsed: Duration,
+    pub detail: String,
+}
+
+/// Values the probes need besides the new credential.
+pub struct ProbeContext<'a> {
+    pub name: &'a str,
+    pub rotation_id: &'a str,
+    pub probe: &'a config::Probe,
+    /// Looks up another secret in the store (e.g. the query credential).
+    pub lookup: &'a (dyn Fn(&str) -> Result<Option<Record>, store::Error> + Sync),
+}
+
+impl Config {
+    pub fn plan(&self, current: Option<&Record>) -> Result<Plan, Error> {
+        match self {
+            Config::Prometheus(c) => c.plan(current),
+            Config::Files(_) => Ok(Plan::default()),
+        }
+    }
+
+    pub fn apply(&self, new: &Record) -> Result<Undo, Error> {
+        match self {
+            Config::Prometheus(c) => c.apply(new),
+            Config::Files(_) => Ok(Undo::default()),
+        }
+    }
+
+    pub async fn probe(&self, new: &Record, ctx: &ProbeContext<'_>) -> Result<ProbeReport, Error> {
+        match self {
+            Config::Prometheus(c) => c.probe(new, ctx).await,
+            Config::Files(c) => c.probe(new, ctx).await,
+        }
+    }
+
+    /// Undoes `apply`. `undo` is the in-memory data when the same process applied;
+    /// None after a crash (recovery), when the pending record's metadata is used.
+    pub fn rollback(&self, pending: &Record, undo: Option<&Undo>) -> Result<(), Error> {
+        match self {
+            Config::Prometheus(c) => c.rollback(pending, undo),
+            Config::Files(_) => Ok(()),
+        }
+    }
+
+    /// Makes the old credential named in `current`'s retire metadata invalid.
+    pub fn retire(&self, current: &Record) -> Result<Option<String>, Error> {
+        match self {
+            Config::Prometheus(c) => c.retire(current),
+            Config::Files(_) => Ok(None),
+        }
+    }
+}
+
+/// An HTTP client with the probe's time limit.
+pub(crate) fn client(timeout: Duration) -> Result<reqwest::Client, Error> {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .build()
+        .map_err(|e| Error::Probe(format!("cannot build an HTTP client: {e}")))
+}
+
+/// Describes a reqwest error without its URL's query string (the URL is config, but
+/// keep errors short and free of anything a future caller may put there).
+pub(crate) fn http_error(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "connection failed"
+    } else if e.is_decode() {
+        "response could not be decoded"
+    } else {
+        "request failed"
+    };
+    let mut s = kind.to_owned();
+    let mut src: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
