@@ -1,0 +1,247 @@
+//! End-to-end behaviour of the `rotd` binary against real git repositories, the
+//! stock `age` CLI and real Prometheus processes. Each test is one behaviour.
+
+mod util;
+
+use std::time::Duration;
+
+use util::*;
+
+fn rotd_ok(env: &TestEnv, args: &[&str]) -> String {
+    let o = env.rotd(args);
+    assert!(
+        o.status.success(),
+        "rotd {args:?} failed ({:?}):\n{}\n{}",
+        o.status.code(),
+        stdout(&o),
+        stderr(&o)
+    );
+    stdout(&o)
+}
+
+#[test]
+fn init_creates_a_private_identity_and_a_store_pushed_to_the_remote() {
+    let env = TestEnv::new();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&env.identity)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    let recipients = std::fs::read_to_string(env.store.join(".age-recipients")).unwrap();
+    assert_eq!(
+        recipients.lines().count(),
+        2,
+        "daemon + one person: {recipients}"
+    );
+    let remote_log = stdout(&git(&env.remote, &["log", "--format=%s", "main"]));
+    assert!(remote_log.contains("init store"), "{remote_log}");
+    // Idempotent.
+    rotd_ok(&env, &["init"]);
+    assert_eq!(
+        stdout(&git(&env.store, &["rev-list", "--count", "HEAD"])).trim(),
+        "1"
+    );
+}
+
+#[test]
+fn identity_readable_by_group_is_refused_with_the_chmod_to_run() {
+    let env = TestEnv::new();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&env.identity, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let o = env.rotd(&["status"]);
+    assert_eq!(o.status.code(), Some(78));
+    let err = stderr(&o);
+    assert!(
+        err.contains("chmod 600") && err.contains("rotd.agekey"),
+        "{err}"
+    );
+}
+
+#[test]
+fn imported_secret_decrypts_with_stock_age_for_every_recipient() {
+    let env = TestEnv::new();
+    let o = env.rotd_stdin(
+        &["import", "app-db", "--username", "app"],
+        "s3cret-value-for-import\n",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    for identity in [&env.identity, &env.person_identity] {
+        let out = std::process::Command::new("age")
+            .arg("-d")
+            .arg("-i")
+            .arg(identity)
+            .arg(env.store.join("secrets/app-db.age"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        let text = stdout(&out);
+        assert_eq!(text.lines().next(), Some("s3cret-value-for-import"));
+        assert!(text.contains("username: app"));
+    }
+    let armored = std::fs::read_to_string(env.store.join("secrets/app-db.age")).unwrap();
+    assert!(armored.starts_with("-----BEGIN AGE ENCRYPTED FILE-----"));
+    assert_eq!(env.show("app-db"), "s3cret-value-for-import");
+}
+
+fn files_schedule(env: &TestEnv, extra: &str) -> std::path::PathBuf {
+    let out = env.path("consumer");
+    env.write_schedule(
+        "apm-token",
+        &format!(
+            "name = \"apm-token\"\nschedule = \"0 0 4 * * *\"\ngrace = \"0s\"\n[generate]\nlength = 40\ncharset = \"alnum\"\n[target]\nkind = \"files\"\n[[deliver]]\npath = \"{}/apm.yml\"\ncontent = \"secret_token: {{{{secret}}}}\\nrotation: {{{{rotation_id}}}}\\n\"\nmode = \"0600\"\n{extra}",
+            out.display()
+        ),
+    );
+    out.join("apm.yml")
+}
+
+#[test]
+fn files_target_rotates_and_trailers_parse_with_stock_git() {
+    let env = TestEnv::new();
+    let consumer = files_schedule(&env, "");
+    rotd_ok(&env, &["check"]);
+    let out = rotd_ok(&env, &["rotate", "apm-token"]);
+    assert!(out.contains("rotated"), "{out}");
+    let secret = env.show("apm-token");
+    assert_eq!(secret.len(), 40);
+    assert!(secret.chars().all(|c| c.is_ascii_alphanumeric()));
+    let body = std::fs::read_to_string(&consumer).unwrap();
+    assert!(body.starts_with(&format!("secret_token: {secret}\n")));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&consumer).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(env.head_files(), vec!["secrets/apm-token.age"]);
+    // Stock git parses the trailers.
+    let msg = stdout(&git(&env.store, &["log", "-1", "--format=%B"]));
+    let mut child = std::process::Command::new("git")
+        .args(["interpret-trailers", "--parse"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(msg.as_bytes())
+        .unwrap();
+    let parsed = stdout(&child.wait_with_output().unwrap());
+    for t in [
+        "Rotd-Secret: apm-token",
+        "Rotd-Step: succeeded",
+        "Rotd-Trigger: manual uid=",
+        "Rotd-Probe: ok",
+        "Rotd-Fingerprint: ",
+    ] {
+        assert!(parsed.contains(t), "{t} missing from:\n{parsed}");
+    }
+    // One rotation id for the pending and succeeded commits; pushed to the remote.
+    let h = env.history_json(Some("apm-token"));
+    assert_eq!(h[0]["step"], "succeeded");
+    assert_eq!(h[1]["step"], "pending");
+    assert_eq!(h[0]["rotation"], h[1]["rotation"]);
+    assert_eq!(
+        stdout(&git(&env.remote, &["rev-parse", "main"])),
+        stdout(&git(&env.store, &["rev-parse", "HEAD"]))
+    );
+}
+
+#[test]
+fn dry_run_prints_the_plan_and_touches_nothing() {
+    let env = TestEnv::new();
+    let consumer = files_schedule(&env, "");
+    let before = stdout(&git(&env.store, &["rev-parse", "HEAD"]));
+    let out = rotd_ok(&env, &["rotate", "--dry-run", "apm-token"]);
+    assert!(
+        out.contains("would rotate") && out.contains("apm.yml"),
+        "{out}"
+    );
+    assert_eq!(before, stdout(&git(&env.store, &["rev-parse", "HEAD"])));
+    assert!(!consumer.exists());
+}
+
+#[test]
+fn failing_http_probe_rolls_back_consumer_files_exactly() {
+    let env = TestEnv::new();
+    let port = free_port(); // nothing listens there
+    let consumer = files_schedule(&env, &format!("[probe]\nattempts = 2\ninterval = \"10ms\"\ntimeout = \"1s\"\nhttp = {{ url = \"http://127.0.0.1:{port}/\", header = \"Authorization: Bearer {{{{secret}}}}\", expect = 200 }}\n"));
+    std::fs::create_dir_all(consumer.parent().unwrap()).unwrap();
+    std::fs::write(&consumer, "secret_token: the-old-one\n").unwrap();
+    let o = env.rotd(&["rotate", "apm-token"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stdout(&o).contains("rolled back"), "{}", stdout(&o));
+    assert_eq!(
+        std::fs::read_to_string(&consumer).unwrap(),
+        "secret_token: the-old-one\n"
+    );
+    let h = env.history_json(Some("apm-token"));
+    assert_eq!(h[0]["step"], "rolled-back");
+    assert!(h[0]["error"].as_str().unwrap().contains("probe"));
+    assert!(
+        env.head_files().is_empty(),
+        "no pending left: {:?}",
+        env.head_files()
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(consumer.parent().unwrap())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(leftovers.len(), 1, "{leftovers:?}");
+}
+
+#[test]
+fn bad_input_names_the_file_line_and_fix_and_writes_nothing() {
+    let env = TestEnv::new();
+    let head = stdout(&git(&env.store, &["rev-parse", "HEAD"]));
+    let cases: &[(&str, &str, &str)] = &[
+        ("malformed", "name = \"malformed\"\nschedule = \n", "malformed.toml:2"),
+        ("unknown", "name = \"unknown\"\n[target]\nkind = \"files\"\ncolour = \"red\"\n", "unknown field `colour`"),
+        ("badcron", "name = \"badcron\"\nschedule = \"0 3 * * *\"\n[target]\nkind = \"files\"\n", "badcron.toml:2: schedule"),
+        ("missingtpl", "name = \"missingtpl\"\n[target]\nkind = \"files\"\n[[deliver]]\npath = \"/tmp/x\"\ntemplate = \"/nonexistent/tpl\"\n", "cannot be read"),
+        ("badkind", "name = \"badkind\"\n[target]\nkind = \"mysql\"\n", "unknown target kind"),
+        ("placeholder", "name = \"placeholder\"\n[target]\nkind = \"files\"\n[[deliver]]\npath = \"/tmp/{{secret}}\"\ncontent = \"x\"\n", "may not appear in a path"),
+        ("ref", "name = \"ref\"\n[target]\nkind = \"prometheus-remote-write\"\nurl = \"http://127.0.0.1:1\"\nweb_config = \"/nonexistent/web.yml\"\nusernames = [\"a\", \"b\"]\nquery_credential = \"nope\"\n", "does not exist"),
+    ];
+    for (name, text, expect) in cases {
+        for f in std::fs::read_dir(&env.schedules).unwrap().flatten() {
+            std::fs::remove_file(f.path()).unwrap();
+        }
+        env.write_schedule(name, text);
+        let o = env.rotd(&["check"]);
+        assert_eq!(o.status.code(), Some(78), "{name}: {}", stderr(&o));
+        let err = stderr(&o);
+        assert!(
+            err.contains(&format!("{name}.toml")),
+            "{name}: no file name in {err}"
+        );
+        assert!(err.contains(expect), "{name}: expected {expect:?} in {err}");
+        let o = env.rotd(&["rotate", name]);
+        assert_eq!(o.status.code(), Some(78));
+    }
+    // A web config with keys Prometheus does not know.
+    let web = env.path("web.yml");
+    std::fs::write(
+        &web,
+        "basic_auth_users:\n  a: $2y$04$abc\nbasic_auth_user: typo\n",
+    )
+    .unwrap();
+    env.write_schedule("ref", &format!("name = \"ref\"\n[target]\nkind = \"prometheus-remote-write\"\nurl = \"http://127.0.0.1:1\"\nweb_config = \"{}\"\nusernames = [\"a\", \"b\"]\n", web.display()));
+    let o = env.rotd(&["check"]);
+    assert_eq!(o.status.code(), Some(78));
+    assert!(stderr(&o).contains("basic_auth_user`"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("ref.toml:5"), "{}", stderr(&o));
+    // Usage errors are 64.
+    assert_eq!(env.rotd(&["rotate"]).status.code(), Some(64));
+    assert_eq!(env.rotd(&["frobnicate"]).status.code(), Some(64));
+    assert_eq!(
+        head,
+        stdout(&git(&env.store, &["rev-parse", "HEAD"])),
+        "nothing committed"
+    );
+}
