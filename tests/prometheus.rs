@@ -8,9 +8,19 @@ use util::*;
 
 /// Raw sample timestamps (seconds) of the agent's `up` series on the receiver.
 fn up_timestamps(setup: &PromSetup, range: &str) -> Vec<f64> {
-    let r = query(&setup.receiver.url(), "prom-reader", READER_PW, &format!("up{{job=\"agent\"}}[{range}]"));
+    let r = query(
+        &setup.receiver.url(),
+        "prom-reader",
+        READER_PW,
+        &format!("up{{job=\"agent\"}}[{range}]"),
+    );
     assert_eq!(r.len(), 1, "{r:?}");
-    r[0]["values"].as_array().unwrap().iter().map(|v| v[0].as_f64().unwrap()).collect()
+    r[0]["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v[0].as_f64().unwrap())
+        .collect()
 }
 
 #[test]
@@ -18,17 +28,36 @@ fn three_rotations_while_the_agent_writes_lose_no_sample() {
     let env = TestEnv::new();
     let setup = PromSetup::start(&env, "2s", true);
     let agent = setup.agent.as_ref().unwrap();
-    wait_until("first samples on the receiver", Duration::from_secs(30), || {
-        !query(&setup.receiver.url(), "prom-reader", READER_PW, "up{job=\"agent\"}").is_empty()
-    });
+    wait_until(
+        "first samples on the receiver",
+        Duration::from_secs(30),
+        || {
+            !query(
+                &setup.receiver.url(),
+                "prom-reader",
+                READER_PW,
+                "up{job=\"agent\"}",
+            )
+            .is_empty()
+        },
+    );
     let started = Instant::now();
     let mut passwords = vec![INITIAL_PW.to_owned()];
     let mut users = vec!["writer-a".to_owned()];
     for i in 0..3 {
         let o = env.rotd(&["rotate", "prom-remote-write"]);
-        assert!(o.status.success(), "rotation {i}: {}\n{}", stdout(&o), stderr(&o));
+        assert!(
+            o.status.success(),
+            "rotation {i}: {}\n{}",
+            stdout(&o),
+            stderr(&o)
+        );
         passwords.push(env.show("prom-remote-write"));
-        let user = if users.last().unwrap() == "writer-a" { "writer-b" } else { "writer-a" };
+        let user = if users.last().unwrap() == "writer-a" {
+            "writer-b"
+        } else {
+            "writer-a"
+        };
         users.push(user.to_owned());
         // The new credential works on the receiver.
         assert_eq!(setup.write_status(user, passwords.last().unwrap()), 200);
@@ -40,29 +69,59 @@ fn three_rotations_while_the_agent_writes_lose_no_sample() {
     // The previous credential was retired after grace; the live one works.
     let n = passwords.len();
     assert_eq!(setup.write_status(&users[n - 1], &passwords[n - 1]), 200);
-    assert_eq!(setup.write_status(&users[n - 2], &passwords[n - 2]), 401, "previous credential retired");
-    assert_eq!(setup.write_status(&users[n - 3], &passwords[n - 3]), 401, "previous-previous credential rejected");
+    assert_eq!(
+        setup.write_status(&users[n - 2], &passwords[n - 2]),
+        401,
+        "previous credential retired"
+    );
+    assert_eq!(
+        setup.write_status(&users[n - 3], &passwords[n - 3]),
+        401,
+        "previous-previous credential rejected"
+    );
     // The agent never had a sample refused.
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(agent.own_metric("prometheus_remote_storage_samples_failed_total"), 0.0);
-    assert_eq!(agent.own_metric("prometheus_remote_storage_samples_dropped_total"), 0.0);
+    assert_eq!(
+        agent.own_metric("prometheus_remote_storage_samples_failed_total"),
+        0.0
+    );
+    assert_eq!(
+        agent.own_metric("prometheus_remote_storage_samples_dropped_total"),
+        0.0
+    );
     assert!(agent.own_metric("prometheus_remote_storage_samples_total") > 0.0);
     // The receiver holds a sample from every scrape interval of the test.
     let secs = started.elapsed().as_secs() + 2;
     let ts = up_timestamps(&setup, &format!("{secs}s"));
-    assert!(ts.len() as u64 >= secs - 4, "{} samples over {secs}s", ts.len());
+    assert!(
+        ts.len() as u64 >= secs - 4,
+        "{} samples over {secs}s",
+        ts.len()
+    );
     let max_gap = ts.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max);
-    assert!(max_gap < 1.6, "a scrape interval is missing on the receiver: max gap {max_gap}s");
+    assert!(
+        max_gap < 1.6,
+        "a scrape interval is missing on the receiver: max gap {max_gap}s"
+    );
     // The agent's config names the live user, and its password file holds the live secret.
     let cfg = std::fs::read_to_string(&setup.agent_config).unwrap();
     assert!(cfg.contains(&format!("username: {}", users[n - 1])));
-    let pw = std::fs::read_to_string(setup.agent_dir.join(format!("{}.password", users[n - 1]))).unwrap();
+    let pw = std::fs::read_to_string(setup.agent_dir.join(format!("{}.password", users[n - 1])))
+        .unwrap();
     assert_eq!(pw, passwords[n - 1]);
     // Every rotation is in the history: pending, succeeded, retired.
     let h = env.history_json(Some("prom-remote-write"));
     let steps: Vec<&str> = h.iter().map(|e| e["step"].as_str().unwrap()).collect();
-    assert_eq!(steps.iter().filter(|s| **s == "succeeded").count(), 3, "{steps:?}");
-    assert_eq!(steps.iter().filter(|s| **s == "retired").count(), 3, "{steps:?}");
+    assert_eq!(
+        steps.iter().filter(|s| **s == "succeeded").count(),
+        3,
+        "{steps:?}"
+    );
+    assert_eq!(
+        steps.iter().filter(|s| **s == "retired").count(),
+        3,
+        "{steps:?}"
+    );
 }
 
 #[test]
@@ -71,25 +130,55 @@ fn probe_failure_rolls_back_web_config_and_consumers_byte_for_byte() {
     let setup = PromSetup::start(&env, "15m", true);
     let agent = setup.agent.as_ref().unwrap();
     // Break the query credential in the store: the probe's query is refused.
-    let o = env.rotd_stdin(&["import", "prom-reader", "--username", "prom-reader"], "wrong-reader-password\n");
+    let o = env.rotd_stdin(
+        &["import", "prom-reader", "--username", "prom-reader"],
+        "wrong-reader-password\n",
+    );
     assert!(o.status.success());
     let web_before = std::fs::read(&setup.web_config).unwrap();
     let agent_before = std::fs::read(&setup.agent_config).unwrap();
     let pw_before = std::fs::read(setup.agent_dir.join("writer-a.password")).unwrap();
     let o = env.rotd(&["rotate", "prom-remote-write"]);
     assert_eq!(o.status.code(), Some(1), "{}\n{}", stdout(&o), stderr(&o));
-    assert_eq!(std::fs::read(&setup.web_config).unwrap(), web_before, "web config restored exactly");
-    assert_eq!(std::fs::read(&setup.agent_config).unwrap(), agent_before, "agent config restored exactly");
-    assert_eq!(std::fs::read(setup.agent_dir.join("writer-a.password")).unwrap(), pw_before);
-    assert!(!setup.agent_dir.join("writer-b.password").exists(), "the new user's password file is removed");
-    assert_eq!(setup.write_status("writer-a", INITIAL_PW), 200, "old credential still valid");
+    assert_eq!(
+        std::fs::read(&setup.web_config).unwrap(),
+        web_before,
+        "web config restored exactly"
+    );
+    assert_eq!(
+        std::fs::read(&setup.agent_config).unwrap(),
+        agent_before,
+        "agent config restored exactly"
+    );
+    assert_eq!(
+        std::fs::read(setup.agent_dir.join("writer-a.password")).unwrap(),
+        pw_before
+    );
+    assert!(
+        !setup.agent_dir.join("writer-b.password").exists(),
+        "the new user's password file is removed"
+    );
+    assert_eq!(
+        setup.write_status("writer-a", INITIAL_PW),
+        200,
+        "old credential still valid"
+    );
     let h = env.history_json(Some("prom-remote-write"));
     assert_eq!(h[0]["step"], "rolled-back");
-    assert!(!env.head_files().iter().any(|f| f.contains("pending")), "{:?}", env.head_files());
+    assert!(
+        !env.head_files().iter().any(|f| f.contains("pending")),
+        "{:?}",
+        env.head_files()
+    );
     // The agent goes on sending with the old credential.
     let before = agent.own_metric("prometheus_remote_storage_samples_total");
-    wait_until("agent still sending", Duration::from_secs(15), || agent.own_metric("prometheus_remote_storage_samples_total") > before);
-    assert_eq!(agent.own_metric("prometheus_remote_storage_samples_failed_total"), 0.0);
+    wait_until("agent still sending", Duration::from_secs(15), || {
+        agent.own_metric("prometheus_remote_storage_samples_total") > before
+    });
+    assert_eq!(
+        agent.own_metric("prometheus_remote_storage_samples_failed_total"),
+        0.0
+    );
 }
 
 #[test]
@@ -102,14 +191,25 @@ fn receiver_down_rolls_back_with_exit_1() {
     setup.receiver.child.wait().unwrap();
     // Shorten the probe so the test is quick.
     let sched = env.schedules.join("prom-remote-write.toml");
-    let text = std::fs::read_to_string(&sched).unwrap().replace("attempts = 20", "attempts = 2");
+    let text = std::fs::read_to_string(&sched)
+        .unwrap()
+        .replace("attempts = 20", "attempts = 2");
     // The agent is not running: deliver without the reload.
-    let text = text.replace(&format!("reload = {{ http_post = \"http://127.0.0.1:{}/-/reload\" }}\n", setup.agent_port), "");
+    let text = text.replace(
+        &format!(
+            "reload = {{ http_post = \"http://127.0.0.1:{}/-/reload\" }}\n",
+            setup.agent_port
+        ),
+        "",
+    );
     std::fs::write(&sched, text).unwrap();
     let o = env.rotd(&["rotate", "prom-remote-write"]);
     assert_eq!(o.status.code(), Some(1), "{}\n{}", stdout(&o), stderr(&o));
     assert!(stdout(&o).contains("remote write"), "{}", stdout(&o));
     assert_eq!(std::fs::read(&setup.web_config).unwrap(), web_before);
     assert_eq!(std::fs::read(&setup.agent_config).unwrap(), agent_before);
-    assert_eq!(env.history_json(Some("prom-remote-write"))[0]["step"], "rolled-back");
+    assert_eq!(
+        env.history_json(Some("prom-remote-write"))[0]["step"],
+        "rolled-back"
+    );
 }

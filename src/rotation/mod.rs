@@ -313,7 +313,6 @@ impl Engine {
                     .roll_back(
                         &sched,
                         &pending,
-                        current.as_ref(),
                         undo.as_ref(),
                         snapshot,
                         &rotation,
@@ -395,17 +394,15 @@ impl Engine {
         &self,
         sched: &Schedule,
         pending: &Record,
-        current: Option<&Record>,
         undo: Option<&targets::Undo>,
         snapshot: Option<deliver::Snapshot>,
         rotation: &str,
         trigger: &Trigger,
         reason: &str,
     ) -> Result<Outcome, Error> {
+        // Consumers first: they go back to the old credential while the new one is
+        // still valid, so no request is sent with a credential already revoked.
         let mut left = Vec::new();
-        if let Err(e) = sched.target.rollback(pending, undo) {
-            left.push(format!("target: {e}"));
-        }
         let consumers = match snapshot {
             Some(s) => deliver::restore(&sched.deliver, s).await,
             None => Ok(()),
@@ -413,7 +410,9 @@ impl Engine {
         if let Err(e) = consumers {
             left.push(format!("consumers: {e}"));
         }
-        let _ = current;
+        if let Err(e) = sched.target.rollback(pending, undo) {
+            left.push(format!("target: {e}"));
+        }
         self.finish_rollback(sched, pending, rotation, trigger, reason, left)
             .await
     }
@@ -507,11 +506,11 @@ impl Engine {
         let rotation = pending.get(key::ROTATION).unwrap_or("unknown").to_owned();
         tracing::warn!(secret = %sched.name, rotation = %rotation, "found an unfinished rotation; rolling it back");
         let mut left = Vec::new();
-        if let Err(e) = sched.target.rollback(&pending, None) {
-            left.push(format!("target: {e}"));
-        }
         if let Err(e) = self.redeliver(sched, &pending, current.as_ref()).await {
             left.push(format!("consumers: {e}"));
+        }
+        if let Err(e) = sched.target.rollback(&pending, None) {
+            left.push(format!("target: {e}"));
         }
         let outcome = self
             .finish_rollback(

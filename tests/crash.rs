@@ -1,0 +1,108 @@
+//! Crash recovery: rotd is SIGKILLed right after each step of a rotation
+//! (`ROTD_FAULT_KILL_AFTER`), then run again. At every instant, every credential the
+//! receiver accepts must decrypt from the store, and recovery must finish or roll
+//! back with the agent never refused.
+
+mod util;
+
+use std::os::unix::process::ExitStatusExt;
+use std::process::Command;
+use std::time::Duration;
+
+use util::*;
+
+/// Every version of the secret's current and pending files in git history, decrypted
+/// with the stock age CLI.
+fn recorded_passwords(env: &TestEnv, name: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for path in [format!("secrets/{name}.age"), format!("secrets/{name}.pending.age")] {
+        let revs = stdout(&git(&env.store, &["log", "--format=%H", "--", &path]));
+        for rev in revs.lines() {
+            let blob = git(&env.store, &["show", &format!("{rev}:{path}")]);
+            if !blob.status.success() {
+                continue; // the commit removed it
+            }
+            let tmp = env.path("blob.age");
+            std::fs::write(&tmp, &blob.stdout).unwrap();
+            let d = Command::new("age").arg("-d").arg("-i").arg(&env.identity).arg(&tmp).output().unwrap();
+            assert!(d.status.success(), "{}", stderr(&d));
+            out.push(stdout(&d).lines().next().unwrap().to_owned());
+        }
+    }
+    out
+}
+
+/// The writer users in the web config and their hashes.
+fn writer_hashes(setup: &PromSetup) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(&setup.web_config).unwrap();
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    doc["basic_auth_users"]
+        .as_mapping()
+        .unwrap()
+        .iter()
+        .map(|(u, h)| (u.as_str().unwrap().to_owned(), h.as_str().unwrap().to_owned()))
+        .filter(|(u, _)| u.starts_with("writer-"))
+        .collect()
+}
+
+/// Every writer credential the receiver accepts is recorded, encrypted, in git.
+fn assert_live_credentials_recorded(env: &TestEnv, setup: &PromSetup, when: &str) {
+    let recorded = recorded_passwords(env, "prom-remote-write");
+    for (user, hash) in writer_hashes(setup) {
+        assert!(
+            recorded.iter().any(|pw| bcrypt::verify(pw, &hash).unwrap_or(false)),
+            "{when}: the receiver accepts a password for {user} that the store does not hold"
+        );
+    }
+}
+
+#[test]
+fn sigkill_after_every_step_recovers_and_keeps_every_live_credential_recorded() {
+    let steps = ["pending", "apply", "deliver", "probe", "commit"];
+    for step in steps {
+        let env = TestEnv::new();
+        let setup = PromSetup::start(&env, "15m", true);
+        let agent = setup.agent.as_ref().unwrap();
+        let o = env
+            .cmd(&["rotate", "prom-remote-write"])
+            .env("ROTD_FAULT_KILL_AFTER", step)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.signal(), Some(9), "{step}: rotd was not killed: {}", stderr(&o));
+        assert_live_credentials_recorded(&env, &setup, &format!("after a kill at {step}"));
+        let pending_left = env.head_files().iter().any(|f| f.ends_with(".pending.age"));
+        assert_eq!(pending_left, step != "commit", "{step}: pending file at HEAD");
+
+        // Recovery runs at the start of any command that takes the lock.
+        let o = env.rotd(&["retire"]);
+        assert!(o.status.success(), "{step}: recovery: {}", stderr(&o));
+        assert!(!env.head_files().iter().any(|f| f.ends_with(".pending.age")), "{step}: pending left after recovery");
+        assert_live_credentials_recorded(&env, &setup, &format!("after recovery from {step}"));
+        let h = env.history_json(Some("prom-remote-write"));
+        let current = env.show("prom-remote-write");
+        if step == "commit" {
+            assert_eq!(h[0]["step"], "succeeded", "{step}");
+            assert_ne!(current, INITIAL_PW);
+        } else {
+            assert_eq!(h[0]["step"], "rolled-back", "{step}: {:?}", h[0]);
+            assert_eq!(h[0]["trigger"], "recovery");
+            assert_eq!(current, INITIAL_PW);
+            assert_eq!(writer_hashes(&setup).len(), 1, "{step}: the new user is removed");
+            assert!(std::fs::read_to_string(&setup.agent_config).unwrap().contains("username: writer-a"));
+            assert!(!setup.agent_dir.join("writer-b.password").exists(), "{step}");
+        }
+        // The live credential works and the agent was never refused.
+        let user = if step == "commit" { "writer-b" } else { "writer-a" };
+        assert_eq!(setup.write_status(user, &current), 200, "{step}");
+        let before = agent.own_metric("prometheus_remote_storage_samples_total");
+        wait_until("agent sending after recovery", Duration::from_secs(15), || {
+            agent.own_metric("prometheus_remote_storage_samples_total") > before
+        });
+        assert_eq!(agent.own_metric("prometheus_remote_storage_samples_failed_total"), 0.0, "{step}");
+        // And a rotation after recovery succeeds.
+        let o = env.rotd(&["rotate", "prom-remote-write"]);
+        assert!(o.status.success(), "{step}: rotate after recovery: {}", stderr(&o));
+        eprintln!("crash matrix: kill after {step}: ok");
+    }
+    eprintln!("crash matrix: {} steps x 1 target kind", steps.len());
+}
