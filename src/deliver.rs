@@ -184,10 +184,13 @@ pub fn paths(specs: &[Spec], vars: &Vars<'_>) -> Result<Vec<PathBuf>, Error> {
         .collect()
 }
 
+/// A file's previous bytes and mode (None: it did not exist).
+type Previous = Option<(Zeroizing<Vec<u8>>, u32)>;
+
 /// What the delivered paths held before, to put it back on rollback.
 #[derive(Default)]
 pub struct Snapshot {
-    files: Vec<(PathBuf, Option<(Zeroizing<Vec<u8>>, u32)>)>,
+    files: Vec<(PathBuf, Previous)>,
 }
 
 impl std::fmt::Debug for Snapshot {

@@ -15,7 +15,10 @@ use util::*;
 /// with the stock age CLI.
 fn recorded_passwords(env: &TestEnv, name: &str) -> Vec<String> {
     let mut out = Vec::new();
-    for path in [format!("secrets/{name}.age"), format!("secrets/{name}.pending.age")] {
+    for path in [
+        format!("secrets/{name}.age"),
+        format!("secrets/{name}.pending.age"),
+    ] {
         let revs = stdout(&git(&env.store, &["log", "--format=%H", "--", &path]));
         for rev in revs.lines() {
             let blob = git(&env.store, &["show", &format!("{rev}:{path}")]);
@@ -24,7 +27,13 @@ fn recorded_passwords(env: &TestEnv, name: &str) -> Vec<String> {
             }
             let tmp = env.path("blob.age");
             std::fs::write(&tmp, &blob.stdout).unwrap();
-            let d = Command::new("age").arg("-d").arg("-i").arg(&env.identity).arg(&tmp).output().unwrap();
+            let d = Command::new("age")
+                .arg("-d")
+                .arg("-i")
+                .arg(&env.identity)
+                .arg(&tmp)
+                .output()
+                .unwrap();
             assert!(d.status.success(), "{}", stderr(&d));
             out.push(stdout(&d).lines().next().unwrap().to_owned());
         }
@@ -40,7 +49,12 @@ fn writer_hashes(setup: &PromSetup) -> Vec<(String, String)> {
         .as_mapping()
         .unwrap()
         .iter()
-        .map(|(u, h)| (u.as_str().unwrap().to_owned(), h.as_str().unwrap().to_owned()))
+        .map(|(u, h)| {
+            (
+                u.as_str().unwrap().to_owned(),
+                h.as_str().unwrap().to_owned(),
+            )
+        })
         .filter(|(u, _)| u.starts_with("writer-"))
         .collect()
 }
@@ -50,7 +64,9 @@ fn assert_live_credentials_recorded(env: &TestEnv, setup: &PromSetup, when: &str
     let recorded = recorded_passwords(env, "prom-remote-write");
     for (user, hash) in writer_hashes(setup) {
         assert!(
-            recorded.iter().any(|pw| bcrypt::verify(pw, &hash).unwrap_or(false)),
+            recorded
+                .iter()
+                .any(|pw| bcrypt::verify(pw, &hash).unwrap_or(false)),
             "{when}: the receiver accepts a password for {user} that the store does not hold"
         );
     }
@@ -68,15 +84,27 @@ fn sigkill_after_every_step_recovers_and_keeps_every_live_credential_recorded() 
             .env("ROTD_FAULT_KILL_AFTER", step)
             .output()
             .unwrap();
-        assert_eq!(o.status.signal(), Some(9), "{step}: rotd was not killed: {}", stderr(&o));
+        assert_eq!(
+            o.status.signal(),
+            Some(9),
+            "{step}: rotd was not killed: {}",
+            stderr(&o)
+        );
         assert_live_credentials_recorded(&env, &setup, &format!("after a kill at {step}"));
         let pending_left = env.head_files().iter().any(|f| f.ends_with(".pending.age"));
-        assert_eq!(pending_left, step != "commit", "{step}: pending file at HEAD");
+        assert_eq!(
+            pending_left,
+            step != "commit",
+            "{step}: pending file at HEAD"
+        );
 
         // Recovery runs at the start of any command that takes the lock.
         let o = env.rotd(&["retire"]);
         assert!(o.status.success(), "{step}: recovery: {}", stderr(&o));
-        assert!(!env.head_files().iter().any(|f| f.ends_with(".pending.age")), "{step}: pending left after recovery");
+        assert!(
+            !env.head_files().iter().any(|f| f.ends_with(".pending.age")),
+            "{step}: pending left after recovery"
+        );
         assert_live_credentials_recorded(&env, &setup, &format!("after recovery from {step}"));
         let h = env.history_json(Some("prom-remote-write"));
         let current = env.show("prom-remote-write");
@@ -87,21 +115,44 @@ fn sigkill_after_every_step_recovers_and_keeps_every_live_credential_recorded() 
             assert_eq!(h[0]["step"], "rolled-back", "{step}: {:?}", h[0]);
             assert_eq!(h[0]["trigger"], "recovery");
             assert_eq!(current, INITIAL_PW);
-            assert_eq!(writer_hashes(&setup).len(), 1, "{step}: the new user is removed");
-            assert!(std::fs::read_to_string(&setup.agent_config).unwrap().contains("username: writer-a"));
-            assert!(!setup.agent_dir.join("writer-b.password").exists(), "{step}");
+            assert_eq!(
+                writer_hashes(&setup).len(),
+                1,
+                "{step}: the new user is removed"
+            );
+            assert!(std::fs::read_to_string(&setup.agent_config)
+                .unwrap()
+                .contains("username: writer-a"));
+            assert!(
+                !setup.agent_dir.join("writer-b.password").exists(),
+                "{step}"
+            );
         }
         // The live credential works and the agent was never refused.
-        let user = if step == "commit" { "writer-b" } else { "writer-a" };
+        let user = if step == "commit" {
+            "writer-b"
+        } else {
+            "writer-a"
+        };
         assert_eq!(setup.write_status(user, &current), 200, "{step}");
         let before = agent.own_metric("prometheus_remote_storage_samples_total");
-        wait_until("agent sending after recovery", Duration::from_secs(15), || {
-            agent.own_metric("prometheus_remote_storage_samples_total") > before
-        });
-        assert_eq!(agent.own_metric("prometheus_remote_storage_samples_failed_total"), 0.0, "{step}");
+        wait_until(
+            "agent sending after recovery",
+            Duration::from_secs(15),
+            || agent.own_metric("prometheus_remote_storage_samples_total") > before,
+        );
+        assert_eq!(
+            agent.own_metric("prometheus_remote_storage_samples_failed_total"),
+            0.0,
+            "{step}"
+        );
         // And a rotation after recovery succeeds.
         let o = env.rotd(&["rotate", "prom-remote-write"]);
-        assert!(o.status.success(), "{step}: rotate after recovery: {}", stderr(&o));
+        assert!(
+            o.status.success(),
+            "{step}: rotate after recovery: {}",
+            stderr(&o)
+        );
         eprintln!("crash matrix: kill after {step}: ok");
     }
     eprintln!("crash matrix: {} steps x 1 target kind", steps.len());

@@ -12,23 +12,40 @@ fn example_schedules_pass_rotd_check() {
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     // The files the examples point to.
     std::fs::create_dir_all(root.join("etc/prometheus")).unwrap();
-    std::fs::write(root.join("etc/prometheus/web.yml"), format!("basic_auth_users:\n  prom-reader: {}\n", bcrypt_hash("x"))).unwrap();
+    std::fs::write(
+        root.join("etc/prometheus/web.yml"),
+        format!("basic_auth_users:\n  prom-reader: {}\n", bcrypt_hash("x")),
+    )
+    .unwrap();
     std::fs::create_dir_all(root.join("etc/rotd/templates")).unwrap();
     for t in ["agent.yml", "apm-server.yml"] {
-        std::fs::copy(repo.join("templates").join(t), root.join("etc/rotd/templates").join(t)).unwrap();
+        std::fs::copy(
+            repo.join("templates").join(t),
+            root.join("etc/rotd/templates").join(t),
+        )
+        .unwrap();
     }
     let mut count = 0;
     for e in std::fs::read_dir(repo.join("schedules")).unwrap().flatten() {
-        let text = std::fs::read_to_string(e.path()).unwrap().replace("\"/etc/", &format!("\"{}/etc/", root.display()));
+        let text = std::fs::read_to_string(e.path())
+            .unwrap()
+            .replace("\"/etc/", &format!("\"{}/etc/", root.display()));
         std::fs::write(env.schedules.join(e.file_name()), text).unwrap();
         count += 1;
     }
     assert!(count >= 2);
     // The example recipients (public keys only) are usable.
-    std::fs::copy(repo.join("keys/recipients.example"), env.path("keys/recipients")).unwrap();
+    std::fs::copy(
+        repo.join("keys/recipients.example"),
+        env.path("keys/recipients"),
+    )
+    .unwrap();
     let o = env.rotd(&["init"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let o = env.rotd_stdin(&["import", "prom-reader", "--username", "prom-reader"], "x\n");
+    let o = env.rotd_stdin(
+        &["import", "prom-reader", "--username", "prom-reader"],
+        "x\n",
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let o = env.rotd(&["check"]);
     assert!(o.status.success(), "examples invalid:\n{}", stderr(&o));
@@ -36,6 +53,10 @@ fn example_schedules_pass_rotd_check() {
     // No private key in the repository.
     for e in std::fs::read_dir(repo.join("keys")).unwrap().flatten() {
         let text = std::fs::read_to_string(e.path()).unwrap();
-        assert!(!text.contains("AGE-SECRET-KEY") && !text.contains("PRIVATE KEY"), "{}", e.path().display());
+        assert!(
+            !text.contains("AGE-SECRET-KEY") && !text.contains("PRIVATE KEY"),
+            "{}",
+            e.path().display()
+        );
     }
 }

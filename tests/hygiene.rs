@@ -25,19 +25,41 @@ fn no_secret_in_logs_outputs_commits_or_stray_files_at_trace_level() {
     run(&["history", "--json"]);
     run(&["rotate", "--dry-run", "prom-remote-write"]);
     // A failed rotation too: break the query credential.
-    let o = env.rotd_stdin(&["import", "prom-reader", "--username", "prom-reader"], "wrong-reader-password\n");
+    let o = env.rotd_stdin(
+        &["import", "prom-reader", "--username", "prom-reader"],
+        "wrong-reader-password\n",
+    );
     assert!(o.status.success());
     run(&["rotate", "prom-remote-write"]);
-    assert!(outputs[0].status.success() && outputs[1].status.success(), "{}", stderr(&outputs[0]));
+    assert!(
+        outputs[0].status.success() && outputs[1].status.success(),
+        "{}",
+        stderr(&outputs[0])
+    );
     assert_eq!(outputs.last().unwrap().status.code(), Some(1));
-    let trace_lines: usize = outputs.iter().map(|o| stderr(o).lines().filter(|l| l.contains("TRACE")).count()).sum();
+    let trace_lines: usize = outputs
+        .iter()
+        .map(|o| stderr(o).lines().filter(|l| l.contains("TRACE")).count())
+        .sum();
     assert!(trace_lines > 0, "TRACE logging was not on");
 
-    let mut secrets = vec![READER_PW.to_owned(), INITIAL_PW.to_owned(), "wrong-reader-password".to_owned()];
+    let mut secrets = vec![
+        READER_PW.to_owned(),
+        INITIAL_PW.to_owned(),
+        "wrong-reader-password".to_owned(),
+    ];
     // Every version ever written, including the rolled-back pending one.
-    let mut objects = Command::new("git").arg("-C").arg(&env.store).args(["rev-list", "--all", "--objects"]).output().unwrap();
+    let mut objects = Command::new("git")
+        .arg("-C")
+        .arg(&env.store)
+        .args(["rev-list", "--all", "--objects"])
+        .output()
+        .unwrap();
     assert!(objects.status.success());
-    let ids: Vec<String> = stdout(&objects).lines().map(|l| l.split(' ').next().unwrap().to_owned()).collect();
+    let ids: Vec<String> = stdout(&objects)
+        .lines()
+        .map(|l| l.split(' ').next().unwrap().to_owned())
+        .collect();
     objects.stdout.clear();
     let mut all_objects = Vec::new();
     for id in &ids {
@@ -47,45 +69,97 @@ fn no_secret_in_logs_outputs_commits_or_stray_files_at_trace_level() {
         if text.starts_with("-----BEGIN AGE ENCRYPTED FILE-----") {
             let tmp = env.path("obj.age");
             std::fs::write(&tmp, &o.stdout).unwrap();
-            let d = Command::new("age").arg("-d").arg("-i").arg(&env.identity).arg(&tmp).output().unwrap();
+            let d = Command::new("age")
+                .arg("-d")
+                .arg("-i")
+                .arg(&env.identity)
+                .arg(&tmp)
+                .output()
+                .unwrap();
             std::fs::remove_file(&tmp).unwrap();
             secrets.push(stdout(&d).lines().next().unwrap().to_owned());
         }
     }
     secrets.sort();
     secrets.dedup();
-    assert!(secrets.len() >= 6, "rotated, rolled-back, imported secrets: {}", secrets.len());
+    assert!(
+        secrets.len() >= 6,
+        "rotated, rolled-back, imported secrets: {}",
+        secrets.len()
+    );
     let history = String::from_utf8_lossy(&all_objects).into_owned();
     let log = stdout(&git(&env.store, &["log", "--all", "--format=%B"]));
     for s in &secrets {
         for o in &outputs {
-            assert!(!stdout(o).contains(s.as_str()), "secret in stdout: {}", stdout(o));
+            assert!(
+                !stdout(o).contains(s.as_str()),
+                "secret in stdout: {}",
+                stdout(o)
+            );
             assert!(!stderr(o).contains(s.as_str()), "secret in a log line");
         }
-        assert!(!history.contains(s.as_str()), "secret in plaintext in a git object");
+        assert!(
+            !history.contains(s.as_str()),
+            "secret in plaintext in a git object"
+        );
         assert!(!log.contains(s.as_str()), "secret in a commit message");
     }
     // No stray or temp files anywhere under the test root except the consumer files
     // and the fixtures the test itself wrote.
     let mut holders = Vec::new();
     for entry in walk(env.dir.path()) {
-        if entry.starts_with(&setup.receiver.dir) || entry.to_string_lossy().contains("agent-data") || entry.starts_with(env.store.join(".git")) {
+        if entry.starts_with(&setup.receiver.dir)
+            || entry.to_string_lossy().contains("agent-data")
+            || entry.starts_with(env.store.join(".git"))
+        {
             continue;
         }
-        let Ok(bytes) = std::fs::read(&entry) else { continue };
+        let Ok(bytes) = std::fs::read(&entry) else {
+            continue;
+        };
         let text = String::from_utf8_lossy(&bytes);
-        assert!(!entry.file_name().unwrap().to_string_lossy().starts_with(".rotd-tmp-"), "temp file left: {}", entry.display());
+        assert!(
+            !entry
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(".rotd-tmp-"),
+            "temp file left: {}",
+            entry.display()
+        );
         if secrets.iter().any(|s| text.contains(s.as_str())) {
-            holders.push(entry.strip_prefix(env.dir.path()).unwrap().display().to_string());
+            holders.push(
+                entry
+                    .strip_prefix(env.dir.path())
+                    .unwrap()
+                    .display()
+                    .to_string(),
+            );
         }
     }
     holders.sort();
     // Only the consumer's live password file (and the harness's own fixture files).
-    assert_eq!(holders, vec!["agent/writer-a.password".to_owned(), "agent/writer-b.password".to_owned()].into_iter().filter(|p| env.dir.path().join(p).exists()).collect::<Vec<_>>());
+    assert_eq!(
+        holders,
+        vec![
+            "agent/writer-a.password".to_owned(),
+            "agent/writer-b.password".to_owned()
+        ]
+        .into_iter()
+        .filter(|p| env.dir.path().join(p).exists())
+        .collect::<Vec<_>>()
+    );
     use std::os::unix::fs::PermissionsExt;
     for h in &holders {
-        let mode = std::fs::metadata(env.dir.path().join(h)).unwrap().permissions().mode() & 0o777;
-        assert!(mode == 0o640 || h.ends_with("writer-a.password"), "{h} mode {mode:o}");
+        let mode = std::fs::metadata(env.dir.path().join(h))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert!(
+            mode == 0o640 || h.ends_with("writer-a.password"),
+            "{h} mode {mode:o}"
+        );
     }
 }
 

@@ -3,8 +3,6 @@
 
 mod util;
 
-use std::time::Duration;
-
 use util::*;
 
 fn rotd_ok(env: &TestEnv, args: &[&str]) -> String {
