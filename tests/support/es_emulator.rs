@@ -640,21 +640,21 @@ impl Reply {
 /// An Elasticsearch error response.
 struct EsError {
     status: u16,
-    etype: String,
+    etype: &'static str,
     reason: String,
     /// Extra fields added to both the root cause and the top-level error.
     extra: Map<String, Value>,
-    caused_by: Option<Value>,
+    caused_by: Option<Box<Value>>,
     headers: Vec<(&'static str, String)>,
     /// ES answers some REST-layer errors (405) with `{"error": "<text>", "status": N}`.
     plain: bool,
 }
 
 impl EsError {
-    fn new(status: u16, etype: &str, reason: impl Into<String>) -> EsError {
+    fn new(status: u16, etype: &'static str, reason: impl Into<String>) -> EsError {
         EsError {
             status,
-            etype: etype.to_string(),
+            etype,
             reason: reason.into(),
             extra: Map::new(),
             caused_by: None,
@@ -668,7 +668,7 @@ impl EsError {
         self
     }
 
-    fn bad_request(etype: &str, reason: impl Into<String>) -> EsError {
+    fn bad_request(etype: &'static str, reason: impl Into<String>) -> EsError {
         EsError::new(400, etype, reason)
     }
 
@@ -717,7 +717,7 @@ impl EsError {
         }
         let mut top = cause.clone();
         if let Some(caused_by) = self.caused_by {
-            top.insert("caused_by".into(), caused_by);
+            top.insert("caused_by".into(), *caused_by);
         }
         top.insert("root_cause".into(), json!([Value::Object(cause)]));
         Reply {
@@ -2474,7 +2474,7 @@ fn parse_json_body(body: &[u8]) -> Result<Value, EsError> {
 fn doc_parse_error(body: &[u8], reason: &str, cause_type: &str, cause: &str) -> EsError {
     let col = body.len();
     let mut e = EsError::bad_request("document_parsing_exception", format!("[1:{col}] {reason}"));
-    e.caused_by = Some(json!({"type": cause_type, "reason": cause}));
+    e.caused_by = Some(Box::new(json!({"type": cause_type, "reason": cause})));
     e
 }
 
