@@ -1301,6 +1301,16 @@ async fn update_role_descriptors() {
         )
         .await;
     assert_eq!(r.status, 404);
+    // Generated ids are base64url and may start with `_` or `-`; they still route to update.
+    let r = c
+        .call(
+            Method::PUT,
+            "/_security/api_key/_x-y",
+            Some(&admin),
+            Some(update.clone()),
+        )
+        .await;
+    assert_es_error(&r, 404, "resource_not_found_exception", "ID [_x-y]");
 
     assert!(es.invalidate_api_key(id));
     let r = c

@@ -114,8 +114,12 @@
 //! accounts and tokens, anonymous access, deprecation warnings headers, the
 //! `limited_by` privilege *subset* check ES does for `_has_privileges` with
 //! wildcard index patterns (approximated textually), request-size limits and
-//! circuit breakers. Time can be moved forward with
-//! [`EsEmulator::advance_clock`] instead of sleeping.
+//! circuit breakers. Simplifications to keep in mind: every user lives in the
+//! `default_native` realm (real `elastic` is in `reserved`); "own keys" for
+//! `manage_own_api_key` means "same username"; `_password` for an unknown user
+//! answers 404 `resource_not_found_exception`; IDs are random base64url
+//! strings of ES's length, not ES's time-based IDs. Time can be moved forward
+//! with [`EsEmulator::advance_clock`] instead of sleeping.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -1179,7 +1183,9 @@ fn route(method: &Method, segs: &[String], path: &str) -> Result<Route, EsError>
                 _ => Route::CreateKey,
             }
         }
-        ["_security", "api_key", id] if !id.starts_with('_') && *id != "grant" => {
+        ["_security", "api_key", id]
+            if !matches!(*id, "grant" | "_bulk_update" | "_query" | "cross_cluster") =>
+        {
             allowed(&["PUT"])?;
             Route::UpdateKey(id.to_string())
         }
