@@ -44,7 +44,7 @@ pub enum Error {
     KeyPermissions { path: PathBuf, mode: u32 },
     /// The private key file is not an OpenSSH private key.
     #[error(
-        "The signing key {path} is not a valid OpenSSH private key ({reason}). Provide a file that starts with \"-----BEGIN OPENSSH PRIVATE KEY-----\", e.g. made by `ssh-keygen -t ed25519 -N '' -f {path}`."
+        "The signing key {path} is not a valid OpenSSH private key ({reason}). Provide a file that starts with \"-----BEGIN OPENSSH PRIVATE KEY-----\", or create a new key with `ssh-keygen -t ed25519 -N '' -f NEW_KEY_FILE` and point rotd at it."
     )]
     KeyParse { path: PathBuf, reason: String },
     /// The private key is protected by a passphrase.
@@ -54,7 +54,7 @@ pub enum Error {
     KeyEncrypted { path: PathBuf },
     /// The private key is not an ed25519 key.
     #[error(
-        "The signing key {path} is a {algorithm} key, but rotd signs only with ed25519 keys. Create one with `ssh-keygen -t ed25519 -N '' -f {path}`."
+        "The signing key {path} is a {algorithm} key, but rotd signs only with ed25519 keys. Create one with `ssh-keygen -t ed25519 -N '' -f NEW_KEY_FILE` and point rotd at it."
     )]
     KeyNotEd25519 { path: PathBuf, algorithm: String },
     /// Producing a signature failed.
@@ -163,7 +163,9 @@ impl Signer {
             path: path.to_path_buf(),
             source,
         };
-        let meta = std::fs::metadata(path).map_err(read_err)?;
+        // Check the mode of the very file that is read, not of the path.
+        let mut file = std::fs::File::open(path).map_err(read_err)?;
+        let meta = file.metadata().map_err(read_err)?;
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -177,7 +179,8 @@ impl Signer {
         }
         #[cfg(not(unix))]
         let _ = meta;
-        let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(read_err)?);
+        let mut text = zeroize::Zeroizing::new(String::new());
+        std::io::Read::read_to_string(&mut file, &mut text).map_err(read_err)?;
         let key = PrivateKey::from_openssh(text.trim()).map_err(|e| Error::KeyParse {
             path: path.to_path_buf(),
             reason: e.to_string(),
