@@ -22,6 +22,7 @@
 //! * [`deliver`] renders consumer files and runs reloads.
 //! * [`secret`] is the redacting [`secret::Secret`] type and the CSPRNG generator.
 //! * [`history`] reads the audit trail back from git.
+//! * [`signing`] makes and checks the SSH signatures (sshsig) of store commits.
 //!
 //! Blocking work (git2, age, bcrypt, fsync) runs in `spawn_blocking`; HTTP (probes,
 //! reloads) is async on tokio.
@@ -34,5 +35,6 @@ pub mod fsutil;
 pub mod history;
 pub mod rotation;
 pub mod secret;
+pub mod signing;
 pub mod store;
 pub mod targets;

@@ -2808,9 +2808,8 @@ fn parse_time_value(s: &str, setting: &str) -> Result<u64, EsError> {
 
 fn date_ymd(ms: u64) -> String {
     let secs = i64::try_from(ms / 1000).unwrap_or(0);
-    let t =
-        time::OffsetDateTime::from_unix_timestamp(secs).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    format!("{:04}.{:02}.{:02}", t.year(), u8::from(t.month()), t.day())
+    let t = chrono::DateTime::from_timestamp(secs, 0).unwrap_or_default();
+    t.format("%Y.%m.%d").to_string()
 }
 
 fn random_token(bytes: usize) -> String {
