@@ -45,6 +45,7 @@ impl Error {
             Error::Config(_) => exit::CONFIG,
             Error::Store(store::Error::NotInitialised(_))
             | Error::Store(store::Error::Crypto(_))
+            | Error::Store(store::Error::Signing(_))
             | Error::Store(store::Error::File(crate::fsutil::Error::TooOpen { .. })) => {
                 exit::CONFIG
             }

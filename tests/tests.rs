@@ -243,3 +243,58 @@ fn bad_input_names_the_file_line_and_fix_and_writes_nothing() {
         "nothing committed"
     );
 }
+
+#[test]
+fn every_store_commit_is_ssh_signed_and_stock_git_verifies_it() {
+    let env = TestEnv::uninitialised();
+    let key = env.path("keys/signing");
+    let o = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "rotd@host", "-f"])
+        .arg(&key)
+        .output()
+        .expect("ssh-keygen (apt-get install openssh-client)");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut cfg = std::fs::read_to_string(&env.config).unwrap();
+    cfg = cfg.replace("[daemon]", "signing_key = \"keys/signing\"\n\n[daemon]");
+    std::fs::write(&env.config, cfg).unwrap();
+    rotd_ok(&env, &["init"]);
+    files_schedule(&env, "");
+    rotd_ok(&env, &["rotate", "apm-token"]);
+    let public = std::fs::read_to_string(env.path("keys/signing.pub")).unwrap();
+    let allowed = env.path("allowed_signers");
+    std::fs::write(
+        &allowed,
+        format!(
+            "rotd@host {}",
+            public.split(' ').take(2).collect::<Vec<_>>().join(" ")
+        ),
+    )
+    .unwrap();
+    let revs = stdout(&git(&env.store, &["rev-list", "HEAD"]));
+    assert_eq!(revs.lines().count(), 3, "init, pending, succeeded");
+    for rev in revs.lines() {
+        let o = git(
+            &env.store,
+            &[
+                "-c",
+                "gpg.format=ssh",
+                "-c",
+                &format!("gpg.ssh.allowedSignersFile={}", allowed.display()),
+                "verify-commit",
+                rev,
+            ],
+        );
+        assert!(o.status.success(), "{rev}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("Good \"git\" signature for rotd@host"),
+            "{}",
+            stderr(&o)
+        );
+    }
+    // A group-readable signing key is refused with the fix.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let o = env.rotd(&["status"]);
+    assert_eq!(o.status.code(), Some(78));
+    assert!(stderr(&o).contains("chmod 600"), "{}", stderr(&o));
+}

@@ -29,6 +29,7 @@ use nix::fcntl::{Flock, FlockArg};
 use crate::config;
 use crate::fsutil;
 use crate::secret::Secret;
+use crate::signing::{self, Signer};
 pub use crypto::Keys;
 pub use record::Record;
 
@@ -59,8 +60,8 @@ pub enum Error {
     Busy(String),
     #[error("the local store and the remote have diverged; resolve it by hand (`git -C {0} pull --rebase`) before rotating")]
     Diverged(PathBuf),
-    #[error("cannot fetch from the remote: {0}")]
-    Fetch(String),
+    #[error(transparent)]
+    Signing(#[from] crate::signing::Error),
 }
 
 /// Which file of a secret.
@@ -141,6 +142,8 @@ pub struct Lock {
 pub struct Store {
     cfg: config::Store,
     keys: Arc<Keys>,
+    /// Signs every commit when `store.signing_key` is set.
+    signer: Option<Arc<Signer>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -179,6 +182,7 @@ impl Store {
         Ok(Store {
             cfg: cfg.clone(),
             keys: Arc::new(keys),
+            signer: load_signer(cfg)?,
         })
     }
 
@@ -217,6 +221,7 @@ impl Store {
         let store = Store {
             cfg: cfg.clone(),
             keys: Arc::new(keys),
+            signer: load_signer(cfg)?,
         };
         let recipients = store.keys.recipients_file();
         let head_recipients = store.read_head_file(&repo, ".age-recipients")?;
@@ -404,7 +409,16 @@ impl Store {
             Err(_) => None,
         };
         let parents: Vec<&git2::Commit> = parent.iter().collect();
-        let oid = repo.commit(Some("HEAD"), &sig, &sig, &msg.render(), &tree, &parents)?;
+        let oid = signing::commit(
+            repo,
+            Some("HEAD"),
+            &sig,
+            &sig,
+            &msg.render(),
+            &tree,
+            &parents,
+            self.signer.as_deref(),
+        )?;
         tracing::debug!(commit = %oid, subject = %msg.subject, "committed");
         Ok(oid)
     }
@@ -587,6 +601,13 @@ impl Store {
                 Ok(Some(walk.count()))
             }
         }
+    }
+}
+
+fn load_signer(cfg: &config::Store) -> Result<Option<Arc<Signer>>, Error> {
+    match &cfg.signing_key {
+        Some(p) => Ok(Some(Arc::new(Signer::from_file(p)?))),
+        None => Ok(None),
     }
 }
 
