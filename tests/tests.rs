@@ -298,3 +298,84 @@ fn every_store_commit_is_ssh_signed_and_stock_git_verifies_it() {
     assert_eq!(o.status.code(), Some(78));
     assert!(stderr(&o).contains("chmod 600"), "{}", stderr(&o));
 }
+
+#[test]
+fn concurrent_rotations_of_one_secret_are_serialized_and_lose_no_commit() {
+    let env = TestEnv::new();
+    files_schedule(&env, "");
+    let children: Vec<_> = (0..6)
+        .map(|_| {
+            env.cmd(&["rotate", "apm-token"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let o = c.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    // Oldest first: each pending is followed by its own succeeded, never interleaved.
+    let mut h = env.history_json(Some("apm-token"));
+    h.reverse();
+    let steps: Vec<(String, String)> = h
+        .iter()
+        .filter(|e| e["step"] == "pending" || e["step"] == "succeeded")
+        .map(|e| {
+            (
+                e["step"].as_str().unwrap().to_owned(),
+                e["rotation"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(steps.len(), 12, "{steps:?}");
+    for pair in steps.chunks(2) {
+        assert_eq!(pair[0].0, "pending");
+        assert_eq!(pair[1].0, "succeeded");
+        assert_eq!(pair[0].1, pair[1].1, "rotations interleaved: {steps:?}");
+    }
+    assert_eq!(
+        stdout(&git(&env.remote, &["rev-parse", "main"])),
+        stdout(&git(&env.store, &["rev-parse", "HEAD"]))
+    );
+}
+
+#[test]
+fn a_second_instance_joins_the_shared_remote_and_sees_the_first_ones_rotations() {
+    let a = TestEnv::new();
+    files_schedule(&a, "");
+    rotd_ok(&a, &["rotate", "apm-token"]);
+    // Instance B: its own clone of the same remote, the same identity.
+    let b_cfg = a.path("rotd-b.toml");
+    let text = std::fs::read_to_string(&a.config)
+        .unwrap()
+        .replace("path = \"store\"", "path = \"store-b\"");
+    std::fs::write(&b_cfg, text).unwrap();
+    let run_b = |args: &[&str]| {
+        std::process::Command::new(ROTD)
+            .arg("--config")
+            .arg(&b_cfg)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = run_b(&["init"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run_b(&["show", "apm-token"]);
+    assert_eq!(stdout(&o).trim(), a.show("apm-token"));
+    // B rotates; A's next rotation starts from B's commits (fast-forward, no divergence).
+    let o = run_b(&["rotate", "apm-token"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    rotd_ok(&a, &["rotate", "apm-token"]);
+    let succeeded = a
+        .history_json(Some("apm-token"))
+        .iter()
+        .filter(|e| e["step"] == "succeeded")
+        .count();
+    assert_eq!(succeeded, 3);
+    assert_eq!(
+        stdout(&git(&a.remote, &["rev-parse", "main"])),
+        stdout(&git(&a.store, &["rev-parse", "HEAD"]))
+    );
+}

@@ -223,6 +223,10 @@ impl Store {
             keys: Arc::new(keys),
             signer: load_signer(cfg)?,
         };
+        // A second instance joining a shared remote starts from its history.
+        if repo.head().is_err() && cfg.remote.is_some() {
+            store.sync_from_remote()?;
+        }
         let recipients = store.keys.recipients_file();
         let head_recipients = store.read_head_file(&repo, ".age-recipients")?;
         if head_recipients.as_deref() != Some(recipients.as_bytes()) {
