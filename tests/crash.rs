@@ -6,7 +6,6 @@
 mod util;
 
 use std::os::unix::process::ExitStatusExt;
-use std::process::Command;
 use std::time::Duration;
 
 use util::*;
@@ -25,17 +24,7 @@ fn recorded_passwords(env: &TestEnv, name: &str) -> Vec<String> {
             if !blob.status.success() {
                 continue; // the commit removed it
             }
-            let tmp = env.path("blob.age");
-            std::fs::write(&tmp, &blob.stdout).unwrap();
-            let d = Command::new("age")
-                .arg("-d")
-                .arg("-i")
-                .arg(&env.identity)
-                .arg(&tmp)
-                .output()
-                .unwrap();
-            assert!(d.status.success(), "{}", stderr(&d));
-            out.push(stdout(&d).lines().next().unwrap().to_owned());
+            out.push(env.age_secret(&blob.stdout));
         }
     }
     out

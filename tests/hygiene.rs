@@ -67,17 +67,7 @@ fn no_secret_in_logs_outputs_commits_or_stray_files_at_trace_level() {
         all_objects.extend_from_slice(&o.stdout);
         let text = String::from_utf8_lossy(&o.stdout);
         if text.starts_with("-----BEGIN AGE ENCRYPTED FILE-----") {
-            let tmp = env.path("obj.age");
-            std::fs::write(&tmp, &o.stdout).unwrap();
-            let d = Command::new("age")
-                .arg("-d")
-                .arg("-i")
-                .arg(&env.identity)
-                .arg(&tmp)
-                .output()
-                .unwrap();
-            std::fs::remove_file(&tmp).unwrap();
-            secrets.push(stdout(&d).lines().next().unwrap().to_owned());
+            secrets.push(env.age_secret(&o.stdout));
         }
     }
     secrets.sort();

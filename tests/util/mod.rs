@@ -176,6 +176,25 @@ impl TestEnv {
         v["entries"].as_array().unwrap().clone()
     }
 
+    /// The first line (the secret) of an age file's plaintext, decrypted with the
+    /// daemon's identity by the stock `age` CLI (reading the ciphertext on stdin).
+    pub fn age_secret(&self, ciphertext: &[u8]) -> String {
+        use std::io::Write;
+        let mut child = Command::new("age")
+            .arg("-d")
+            .arg("-i")
+            .arg(&self.identity)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("age (apt-get install age)");
+        child.stdin.take().unwrap().write_all(ciphertext).unwrap();
+        let d = child.wait_with_output().unwrap();
+        assert!(d.status.success(), "{}", stderr(&d));
+        stdout(&d).lines().next().unwrap().to_owned()
+    }
+
     /// Files in the store's `secrets/` at HEAD.
     pub fn head_files(&self) -> Vec<String> {
         let o = git(&self.store, &["ls-tree", "--name-only", "HEAD", "secrets/"]);
