@@ -307,7 +307,9 @@ impl Engine {
         let report = match result {
             Ok(r) => r,
             Err(reason) => {
-                let reason = scrub(&reason, &[&pending.secret]);
+                let mut known: Vec<&Secret> = vec![&pending.secret];
+                known.extend(current.as_ref().map(|c| &c.secret));
+                let reason = scrub(&reason, &known);
                 tracing::warn!(secret = name, rotation = %rotation, %reason, "rotation failed; rolling back");
                 return self
                     .roll_back(
