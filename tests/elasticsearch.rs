@@ -301,6 +301,11 @@ fn acceptance(cluster: Cluster) {
         );
         let secret = s.env.show(NAME);
         let id = std::fs::read_to_string(s.out.join("key_id")).unwrap();
+        let said = format!("{}{}", stdout(&o), stderr(&o));
+        assert!(
+            !said.contains(&secret) && !said.contains(&encoded(&id, &secret)),
+            "rotd's debug output shows the new key"
+        );
         let valid = s.valid_keys();
         assert_eq!(valid.len(), 1, "rotation {i}: {valid:?}");
         assert_eq!(valid[0].id, id);
