@@ -113,6 +113,7 @@ impl Outcome {
 }
 
 /// The steps after which the test hook `ROTD_FAULT_KILL_AFTER=<step>` kills rotd.
+/// (`created` also exists: after a target made a credential, before its commit.)
 pub const STEPS: &[&str] = &["pending", "apply", "deliver", "probe", "commit"];
 
 /// Test hook: SIGKILL this process right after `step` when the environment asks.
@@ -300,6 +301,9 @@ impl Engine {
             let made = u.record.clone();
             undo = Some(u);
             if let Some(rec) = made {
+                // Test hook: a crash between the target making the credential and
+                // the commit of its id (recovery then finds it by name).
+                fault_point("created");
                 // The target made the credential: record it before anything uses it.
                 pending = rec;
                 fp = self.store.fingerprint(&pending.secret);
