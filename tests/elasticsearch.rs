@@ -189,7 +189,8 @@ impl Setup {
         assert!(o.status.success(), "{}", stderr(&o));
         let initial = cluster.create_initial_key();
         let o = env.rotd_stdin(
-            &["import", NAME, "--key-id", &initial.0],
+            // `=`: an API key id may start with '-'.
+            &["import", NAME, &format!("--key-id={}", initial.0)],
             &format!("{}\n", initial.1),
         );
         assert!(o.status.success(), "{}", stderr(&o));
@@ -616,4 +617,39 @@ fn check_reports_missing_and_bad_settings_with_lines() {
     );
     assert!(out.contains("fields"), "{out}");
     assert!(out.contains(&format!("{file}:")), "{out}");
+}
+
+#[test]
+fn sigkill_before_the_key_id_is_committed_recovers_the_key_by_name() {
+    let s = Setup::new(Cluster::emulated(), "0s");
+    let o = s
+        .env
+        .cmd(&["rotate", NAME])
+        .env("ROTD_FAULT_KILL_AFTER", "created")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.signal(), Some(9), "{}", stderr(&o));
+    let valid = s.valid_keys();
+    assert_eq!(valid.len(), 2, "old and new valid");
+    let new = valid.iter().find(|k| k.id != s.initial.0).unwrap().clone();
+    let pending = format!("secrets/{NAME}.pending.age");
+    let blob = git(&s.env.store, &["show", &format!("HEAD:{pending}")]);
+    let plain = age_decrypt(&s.env.identity, &blob.stdout, &s.env.path("p.age"));
+    assert!(!plain.contains("key-id:"), "the id was not committed yet");
+    let o = s.env.rotd(&["retire"]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert!(s.cluster.key(&new.id).invalidated, "found by name");
+    assert!(!s.cluster.key(&s.initial.0).invalidated);
+    assert!(!s.env.head_files().contains(&pending));
+}
+
+#[test]
+fn transient_429_and_503_are_retried() {
+    let s = Setup::new(Cluster::emulated(), "0s");
+    s.cluster.emu().faults().fail_create_key_next(2, 429);
+    s.cluster.emu().faults().fail_index_next(1, 503);
+    let o = s.rotate();
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert_eq!(s.valid_keys().len(), 1);
+    assert!(s.cluster.key(&s.initial.0).invalidated);
 }

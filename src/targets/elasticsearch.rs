@@ -172,7 +172,7 @@ impl Config {
                 None
             }
             None => {
-                rep.at(raw, "target.admin_credential is required: the secret in the store holding the credential that creates and invalidates API keys (import it with `rotd import NAME --username USER` or `--key-id ID`)");
+                rep.at(raw, "target.admin_credential is required: the secret in the store holding the credential that creates and invalidates API keys (import it with `rotd import NAME --username USER` or `--key-id=ID`)");
                 None
             }
         };
@@ -311,7 +311,7 @@ impl Config {
     fn admin_auth(&self, lookup: super::Lookup<'_>) -> Result<Auth, Error> {
         let rec = lookup(&self.admin_credential)?.ok_or_else(|| {
             Error::Es(format!(
-                "admin credential {} is not in the store; run `rotd import {} --username USER` (password on stdin) or `--key-id ID` (api_key on stdin)",
+                "admin credential {} is not in the store; run `rotd import {} --username USER` (password on stdin) or `--key-id=ID` (api_key on stdin)",
                 self.admin_credential, self.admin_credential
             ))
         })?;
