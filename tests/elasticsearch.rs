@@ -653,3 +653,16 @@ fn transient_429_and_503_are_retried() {
     assert_eq!(s.valid_keys().len(), 1);
     assert!(s.cluster.key(&s.initial.0).invalidated);
 }
+
+#[test]
+fn dry_run_describes_the_key_and_touches_nothing() {
+    let s = Setup::new(Cluster::emulated(), "0s");
+    let o = s.env.rotd(&["rotate", "--dry-run", NAME]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(
+        text.contains(&format!("create API key rotd-{NAME}-<rotation>")),
+        "{text}"
+    );
+    assert_eq!(s.cluster.keys().len(), 1);
+}
