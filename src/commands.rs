@@ -269,16 +269,26 @@ fn dry_run_plan(cfg: &Config, names: &[String], out: &mut impl Write) -> Result<
             .schedule(n)
             .ok_or_else(|| rotation::Error::UnknownSecret(n.clone()))?;
         writeln!(out, "{n}: would rotate ({})", s.target.describe(None))?;
-        writeln!(
-            out,
-            "  generate {} characters ({:?}) with the system CSPRNG",
-            s.length, s.charset
-        )?;
-        writeln!(
-            out,
-            "  commit {} (pending), install on the target keeping the old credential valid",
-            rel_path(n, Slot::Pending)
-        )?;
+        if let crate::targets::Config::Elasticsearch(es) = &s.target {
+            writeln!(
+                out,
+                "  commit {} (pending), create API key {} as {}, commit its id (pending) before anything uses it; the old key stays valid",
+                rel_path(n, Slot::Pending),
+                crate::targets::elasticsearch::key_name(n, "<rotation>"),
+                es.admin_credential
+            )?;
+        } else {
+            writeln!(
+                out,
+                "  generate {} characters ({:?}) with the system CSPRNG",
+                s.length, s.charset
+            )?;
+            writeln!(
+                out,
+                "  commit {} (pending), install on the target keeping the old credential valid",
+                rel_path(n, Slot::Pending)
+            )?;
+        }
         for d in &s.deliver {
             writeln!(
                 out,

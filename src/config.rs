@@ -207,7 +207,16 @@ pub(crate) struct RawTarget {
     ca: Option<Spanned<PathBuf>>,
     admin_credential: Option<Spanned<String>>,
     expiration: Option<Spanned<String>>,
-    permissions: Option<Vec<toml::Value>>,
+    permissions: Option<Vec<Spanned<RawPermission>>>,
+}
+
+/// One `[[target.permissions]]` block of an `elasticsearch-api-key` target.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPermission {
+    pub(crate) names: Option<Spanned<Vec<String>>>,
+    pub(crate) privileges: Option<Spanned<Vec<String>>>,
+    pub(crate) cluster: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -280,6 +289,11 @@ impl Reporter<'_> {
             line: Some(line),
             message: message.into(),
         });
+    }
+
+    /// How many problems have been reported so far (to tell whether a part is clean).
+    pub(crate) fn count(&self) -> usize {
+        self.problems.len()
     }
 
     fn base(&self) -> &Path {
@@ -591,7 +605,10 @@ pub fn load_schedule(file: &Path, problems: &mut Vec<Problem>) -> Option<Schedul
             )
         }
     };
-    let target = targets::Config::from_raw(&raw.target, &probe, probe_span, &mut rep);
+    let mut target = targets::Config::from_raw(&raw.target, &probe, probe_span, &mut rep);
+    if let Some(targets::Config::Elasticsearch(es)) = target.as_mut() {
+        es.set_grace(grace);
+    }
     let mut deliver = Vec::new();
     for d in &raw.deliver {
         if let Some(spec) = validate_deliver(d, &mut rep) {
@@ -849,6 +866,18 @@ impl RawTarget {
     }
     pub(crate) fn bcrypt_cost(&self) -> Option<&Spanned<u32>> {
         self.bcrypt_cost.as_ref()
+    }
+    pub(crate) fn ca(&self) -> Option<&Spanned<PathBuf>> {
+        self.ca.as_ref()
+    }
+    pub(crate) fn admin_credential(&self) -> Option<&Spanned<String>> {
+        self.admin_credential.as_ref()
+    }
+    pub(crate) fn expiration(&self) -> Option<&Spanned<String>> {
+        self.expiration.as_ref()
+    }
+    pub(crate) fn permissions(&self) -> Option<&[Spanned<RawPermission>]> {
+        self.permissions.as_deref()
     }
 }
 

@@ -47,6 +47,11 @@ fn example_schedules_pass_rotd_check() {
         "x\n",
     );
     assert!(o.status.success(), "{}", stderr(&o));
+    let o = env.rotd_stdin(
+        &["import", "es-rotd-admin", "--username", "rotd-admin"],
+        "x-admin-password\n",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
     let o = env.rotd(&["check"]);
     assert!(o.status.success(), "examples invalid:\n{}", stderr(&o));
     assert!(stdout(&o).contains(&format!("{count} schedule(s)")));

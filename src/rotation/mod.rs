@@ -6,7 +6,7 @@
 //! |---|---|---|---|
 //! | 1 plan | take NAME's lock; roll back any unfinished rotation of NAME; fetch and fast-forward the store; read the current record and the target (nothing is written) | exit 1, nothing changed | nothing changed |
 //! | 2 pending | generate the secret (ring), encrypt, commit `secrets/NAME.pending.age` (`Rotd-Step: pending`), push: the push is the compare-and-swap between instances | nothing reached a target; a rejected push drops the local commit; exit 1 | the pending record is in git; no target knows it yet; recovery removes it |
-//! | 3 apply | install on the target so that old AND new are valid (the idle user) | rollback | recovery rolls back: the idle user's previous hash (recorded in the pending record) is restored |
+//! | 3 apply | install on the target so that old AND new are valid (the idle user; a second ES API key). When the TARGET makes the credential (an Elasticsearch API key: id and `api_key` come from the server), `apply` returns it in `Undo::record`; it replaces the pending record and is committed at once as `secrets/NAME.pending.age` again (`Rotd-Step: pending`, `Rotd-Key-Id`), before deliver; the first pending commit holds a generated placeholder and no `key-id` | rollback (the key is invalidated by id); a failed re-commit is a failure here | recovery rolls back: the idle user's previous hash (recorded in the pending record) is restored; the API key is invalidated by the pending record's `key-id`, or, when the crash came between the create and the re-commit, found by its name `rotd-NAME-ROTATION` |
 //! | 4 deliver | consumer files written atomically, reloads run | rollback: files restored byte for byte from memory, reloaded | recovery renders the consumer files again from the current (old) record, removes files only the new one had, reloads |
 //! | 5 probe | prove data flows with the NEW credential | rollback | as 4 |
 //! | 6 commit | `secrets/NAME.age` := new record (with what to retire and when), pending removed, `Rotd-Step: succeeded`, push | exit 2 if the commit itself fails (the new credential is live and recorded as pending; the next run rolls it back) | the commit is atomic: either still pending (recovery rolls back) or succeeded |
@@ -113,6 +113,7 @@ impl Outcome {
 }
 
 /// The steps after which the test hook `ROTD_FAULT_KILL_AFTER=<step>` kills rotd.
+/// (`created` also exists: after a target made a credential, before its commit.)
 pub const STEPS: &[&str] = &["pending", "apply", "deliver", "probe", "commit"];
 
 /// Test hook: SIGKILL this process right after `step` when the environment asks.
@@ -166,15 +167,32 @@ impl Engine {
             .ok_or_else(|| Error::UnknownSecret(name.to_owned()))
     }
 
-    fn vars<'a>(sched: &'a Schedule, rec: &'a Record, rotation: &'a str) -> Vars<'a> {
+    fn vars<'a>(
+        sched: &'a Schedule,
+        rec: &'a Record,
+        encoded: Option<&'a Secret>,
+        rotation: &'a str,
+    ) -> Vars<'a> {
         Vars {
             secret: &rec.secret,
             username: rec.username(),
             key_id: rec.key_id(),
-            encoded: None,
+            encoded,
             name: &sched.name,
             rotation_id: rotation,
         }
+    }
+
+    /// `{{encoded}}`: base64(key id:secret) when the record has a key id (ES API key).
+    fn encoded(rec: &Record) -> Option<Secret> {
+        rec.key_id()
+            .map(|id| targets::elasticsearch::encoded(id, &rec.secret))
+    }
+
+    /// Reads another secret of the store, for the targets.
+    fn lookup(&self) -> impl Fn(&str) -> Result<Option<Record>, store::Error> + Sync {
+        let store = self.store.clone();
+        move |n: &str| store.read(n, Slot::Current)
     }
 
     fn message(
@@ -233,7 +251,7 @@ impl Engine {
         for (k, v) in &plan.meta {
             pending.set(k, v);
         }
-        let fp = self.store.fingerprint(&pending.secret);
+        let mut fp = self.store.fingerprint(&pending.secret);
         let msg = Self::message(&sched, "pending", &rotation, &trigger, Some(&pending))
             .trailer("Rotd-Fingerprint", &fp);
         let store = self.store.clone();
@@ -267,17 +285,53 @@ impl Engine {
         fault_point("pending");
 
         // 3 apply, 4 deliver, 5 probe
-        let mut undo = None;
+        let mut undo: Option<targets::Undo> = None;
         let mut snapshot = None;
+        let lookup = self.lookup();
+        let step_ctx = targets::StepContext {
+            name: &sched.name,
+            lookup: &lookup,
+        };
         let result: Result<targets::ProbeReport, String> = async {
-            undo = Some(
-                sched
-                    .target
-                    .apply(&pending)
-                    .map_err(|e| format!("apply: {e}"))?,
-            );
+            let u = sched
+                .target
+                .apply(&pending, &step_ctx)
+                .await
+                .map_err(|e| format!("apply: {e}"))?;
+            let made = u.record.clone();
+            undo = Some(u);
+            if let Some(rec) = made {
+                // Test hook: a crash between the target making the credential and
+                // the commit of its id (recovery then finds it by name).
+                fault_point("created");
+                // The target made the credential: record it before anything uses it.
+                pending = rec;
+                fp = self.store.fingerprint(&pending.secret);
+                let mut msg = Self::message(&sched, "pending", &rotation, &trigger, Some(&pending))
+                    .trailer("Rotd-Fingerprint", &fp);
+                if let Some(k) = pending.key_id() {
+                    msg = msg.trailer("Rotd-Key-Id", k);
+                }
+                let store = self.store.clone();
+                let rec = pending.clone();
+                let n = name.to_owned();
+                blocking(move || {
+                    let bytes = store.encrypt_record(&rec)?;
+                    store.commit(
+                        vec![Change::Put {
+                            path: rel_path(&n, Slot::Pending),
+                            bytes,
+                        }],
+                        &msg,
+                    )
+                })
+                .await
+                .map_err(|e| format!("recording the new credential: {e}"))?;
+                self.push_logged().await;
+            }
             fault_point("apply");
-            let vars = Self::vars(&sched, &pending, &rotation);
+            let encoded = Self::encoded(&pending);
+            let vars = Self::vars(&sched, &pending, encoded.as_ref(), &rotation);
             match deliver::deliver(&sched.deliver, &vars).await {
                 Ok(s) => snapshot = Some(s),
                 Err((e, s)) => {
@@ -286,8 +340,6 @@ impl Engine {
                 }
             }
             fault_point("deliver");
-            let store = self.store.clone();
-            let lookup = move |n: &str| store.read(n, Slot::Current);
             let ctx = targets::ProbeContext {
                 name: &sched.name,
                 rotation_id: &rotation,
@@ -307,9 +359,11 @@ impl Engine {
         let report = match result {
             Ok(r) => r,
             Err(reason) => {
-                let mut known: Vec<&Secret> = vec![&pending.secret];
-                known.extend(current.as_ref().map(|c| &c.secret));
-                let reason = scrub(&reason, &known);
+                let enc = Self::encoded(&pending);
+                let mut secrets = vec![&pending.secret];
+                secrets.extend(enc.as_ref());
+                secrets.extend(current.as_ref().map(|c| &c.secret));
+                let reason = scrub(&reason, &secrets);
                 tracing::warn!(secret = name, rotation = %rotation, %reason, "rotation failed; rolling back");
                 return self
                     .roll_back(
@@ -335,11 +389,16 @@ impl Engine {
             new_current.set(key::RETIRE_USERNAME, old);
             new_current.set(key::RETIRE_AFTER, &retire_after_s);
         }
+        if let Some(old) = &plan.retire_key_id {
+            new_current.set(key::RETIRE_KEY_ID, old);
+            new_current.set(key::RETIRE_AFTER, &retire_after_s);
+        }
+        let retires = plan.retire_username.is_some() || plan.retire_key_id.is_some();
         let probe_trailer = format!("ok {}ms", report.elapsed.as_millis());
         let mut msg = Self::message(&sched, "succeeded", &rotation, &trigger, Some(&new_current))
             .trailer("Rotd-Fingerprint", &fp)
             .trailer("Rotd-Probe", probe_trailer);
-        if plan.retire_username.is_some() {
+        if retires {
             msg = msg.trailer("Rotd-Retire-After", &retire_after_s);
         }
         let store = self.store.clone();
@@ -374,7 +433,7 @@ impl Engine {
 
         // 7 retire (now, when the grace has already passed)
         let mut retired = false;
-        if sched.grace == Duration::ZERO && plan.retire_username.is_some() {
+        if sched.grace == Duration::ZERO && retires {
             retired = self.retire_locked(&sched).await.is_ok();
         }
         Ok(Outcome::Succeeded { rotation, retired })
@@ -412,7 +471,12 @@ impl Engine {
         if let Err(e) = consumers {
             left.push(format!("consumers: {e}"));
         }
-        if let Err(e) = sched.target.rollback(pending, undo) {
+        let lookup = self.lookup();
+        let ctx = targets::StepContext {
+            name: &sched.name,
+            lookup: &lookup,
+        };
+        if let Err(e) = sched.target.rollback(pending, undo, &ctx).await {
             left.push(format!("target: {e}"));
         }
         self.finish_rollback(sched, pending, rotation, trigger, reason, left)
@@ -511,7 +575,12 @@ impl Engine {
         if let Err(e) = self.redeliver(sched, &pending, current.as_ref()).await {
             left.push(format!("consumers: {e}"));
         }
-        if let Err(e) = sched.target.rollback(&pending, None) {
+        let lookup = self.lookup();
+        let ctx = targets::StepContext {
+            name: &sched.name,
+            lookup: &lookup,
+        };
+        if let Err(e) = sched.target.rollback(&pending, None, &ctx).await {
             left.push(format!("target: {e}"));
         }
         let outcome = self
@@ -537,16 +606,21 @@ impl Engine {
         current: Option<&Record>,
     ) -> Result<(), deliver::Error> {
         let pending_rotation = pending.get(key::ROTATION).unwrap_or("").to_owned();
+        let pending_enc = Self::encoded(pending);
         let new_paths = deliver::paths(
             &sched.deliver,
-            &Self::vars(sched, pending, &pending_rotation),
+            &Self::vars(sched, pending, pending_enc.as_ref(), &pending_rotation),
         )?;
         let cur_rotation = current
             .and_then(|c| c.get(key::ROTATION))
             .unwrap_or("")
             .to_owned();
+        let cur_enc = current.and_then(Self::encoded);
         let cur_paths = match current {
-            Some(c) => deliver::paths(&sched.deliver, &Self::vars(sched, c, &cur_rotation))?,
+            Some(c) => deliver::paths(
+                &sched.deliver,
+                &Self::vars(sched, c, cur_enc.as_ref(), &cur_rotation),
+            )?,
             None => Vec::new(),
         };
         for p in new_paths.iter().filter(|p| !cur_paths.contains(p)) {
@@ -554,9 +628,12 @@ impl Engine {
         }
         match current {
             Some(c) => {
-                deliver::deliver(&sched.deliver, &Self::vars(sched, c, &cur_rotation))
-                    .await
-                    .map_err(|(e, _)| e)?;
+                deliver::deliver(
+                    &sched.deliver,
+                    &Self::vars(sched, c, cur_enc.as_ref(), &cur_rotation),
+                )
+                .await
+                .map_err(|(e, _)| e)?;
             }
             None => deliver::run_reloads(&sched.deliver).await?,
         }
@@ -603,7 +680,12 @@ impl Engine {
             .await
             .map_err(|e| e.to_string())?
             .ok_or_else(|| "no current credential".to_owned())?;
-        let what = sched.target.retire(&cur).map_err(|e| {
+        let lookup = self.lookup();
+        let ctx = targets::StepContext {
+            name: &sched.name,
+            lookup: &lookup,
+        };
+        let what = sched.target.retire(&cur, &ctx).await.map_err(|e| {
             tracing::warn!(secret = %sched.name, error = %e, "retire failed; will retry");
             e.to_string()
         })?;

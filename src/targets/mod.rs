@@ -12,6 +12,7 @@
 //!
 //! Every step is idempotent, so recovery after a crash can run it again.
 
+pub mod elasticsearch;
 pub mod files;
 pub mod http_probe;
 pub mod prometheus;
@@ -42,6 +43,9 @@ pub enum Error {
     Hash(String),
     #[error(transparent)]
     Deliver(#[from] deliver::Error),
+    /// An Elasticsearch call failed (never quotes a key or an Authorization header).
+    #[error("elasticsearch: {0}")]
+    Es(String),
 }
 
 /// A target's checked configuration.
@@ -49,6 +53,7 @@ pub enum Error {
 pub enum Config {
     Prometheus(prometheus::Config),
     Files(files::Config),
+    Elasticsearch(elasticsearch::Config),
 }
 
 impl Config {
@@ -62,12 +67,14 @@ impl Config {
         match t.kind().get_ref().as_str() {
             prometheus::KIND => prometheus::Config::from_raw(raw, rep).map(Config::Prometheus),
             files::KIND => files::Config::from_raw(raw, probe, probe_span, rep).map(Config::Files),
-            "elasticsearch-api-key" | "elasticsearch-user-password" => {
-                rep.at(t.kind(), format!("target kind {:?} is not supported by this build of rotd yet; use \"prometheus-remote-write\" or \"files\"", t.kind().get_ref()));
+            elasticsearch::KIND => elasticsearch::Config::from_raw(raw, probe, probe_span, rep)
+                .map(Config::Elasticsearch),
+            "elasticsearch-user-password" => {
+                rep.at(t.kind(), format!("target kind {:?} is not supported by this build of rotd yet; use \"prometheus-remote-write\", \"elasticsearch-api-key\" or \"files\"", t.kind().get_ref()));
                 None
             }
             other => {
-                rep.at(t.kind(), format!("unknown target kind {other:?}; the kinds are \"prometheus-remote-write\" and \"files\""));
+                rep.at(t.kind(), format!("unknown target kind {other:?}; the kinds are \"prometheus-remote-write\", \"elasticsearch-api-key\" and \"files\""));
                 None
             }
         }
@@ -77,6 +84,7 @@ impl Config {
         match self {
             Config::Prometheus(_) => prometheus::KIND,
             Config::Files(_) => files::KIND,
+            Config::Elasticsearch(_) => elasticsearch::KIND,
         }
     }
 
@@ -89,6 +97,7 @@ impl Config {
                 .map(|q| vec![("query_credential", q)])
                 .unwrap_or_default(),
             Config::Files(_) => Vec::new(),
+            Config::Elasticsearch(c) => vec![("admin_credential", c.admin_credential.as_str())],
         }
     }
 
@@ -103,6 +112,15 @@ impl Config {
                 user.map(|u| format!(" user={u}")).unwrap_or_default()
             ),
             Config::Files(_) => files::KIND.to_owned(),
+            Config::Elasticsearch(c) => format!(
+                "{} {}{}",
+                elasticsearch::KIND,
+                c.url,
+                record
+                    .and_then(|r| r.key_id())
+                    .map(|k| format!(" key={k}"))
+                    .unwrap_or_default()
+            ),
         }
     }
 }
@@ -113,6 +131,8 @@ pub struct Plan {
     pub username: Option<String>,
     /// The credential that becomes the old one and is retired after the grace.
     pub retire_username: Option<String>,
+    /// The API key that becomes the old one and is invalidated after the grace.
+    pub retire_key_id: Option<String>,
     /// Extra metadata for the pending record (e.g. the hash to restore).
     pub meta: Vec<(String, String)>,
 }
@@ -122,6 +142,20 @@ pub struct Plan {
 pub struct Undo {
     pub before: Option<Vec<u8>>,
     pub after: Option<Vec<u8>>,
+    /// The credential as the target made it (an Elasticsearch API key: its id and
+    /// secret come from the server). When set, it REPLACES the pending record and the
+    /// engine commits it as pending again before anything depends on it.
+    pub record: Option<Record>,
+}
+
+/// Looks up another secret in the store (e.g. an admin or query credential).
+pub type Lookup<'a> = &'a (dyn Fn(&str) -> Result<Option<Record>, store::Error> + Sync);
+
+/// What apply, rollback and retire need besides the records.
+pub struct StepContext<'a> {
+    /// The rotated secret's name.
+    pub name: &'a str,
+    pub lookup: Lookup<'a>,
 }
 
 /// A successful probe.
@@ -137,7 +171,7 @@ pub struct ProbeContext<'a> {
     pub rotation_id: &'a str,
     pub probe: &'a config::Probe,
     /// Looks up another secret in the store (e.g. the query credential).
-    pub lookup: &'a (dyn Fn(&str) -> Result<Option<Record>, store::Error> + Sync),
+    pub lookup: Lookup<'a>,
 }
 
 impl Config {
@@ -145,13 +179,15 @@ impl Config {
         match self {
             Config::Prometheus(c) => c.plan(current),
             Config::Files(_) => Ok(Plan::default()),
+            Config::Elasticsearch(c) => Ok(c.plan(current)),
         }
     }
 
-    pub fn apply(&self, new: &Record) -> Result<Undo, Error> {
+    pub async fn apply(&self, new: &Record, ctx: &StepContext<'_>) -> Result<Undo, Error> {
         match self {
             Config::Prometheus(c) => c.apply(new),
             Config::Files(_) => Ok(Undo::default()),
+            Config::Elasticsearch(c) => c.apply(new, ctx).await,
         }
     }
 
@@ -159,23 +195,35 @@ impl Config {
         match self {
             Config::Prometheus(c) => c.probe(new, ctx).await,
             Config::Files(c) => c.probe(new, ctx).await,
+            Config::Elasticsearch(c) => c.probe(new, ctx).await,
         }
     }
 
     /// Undoes `apply`. `undo` is the in-memory data when the same process applied;
     /// None after a crash (recovery), when the pending record's metadata is used.
-    pub fn rollback(&self, pending: &Record, undo: Option<&Undo>) -> Result<(), Error> {
+    pub async fn rollback(
+        &self,
+        pending: &Record,
+        undo: Option<&Undo>,
+        ctx: &StepContext<'_>,
+    ) -> Result<(), Error> {
         match self {
             Config::Prometheus(c) => c.rollback(pending, undo),
             Config::Files(_) => Ok(()),
+            Config::Elasticsearch(c) => c.rollback(pending, undo, ctx).await,
         }
     }
 
     /// Makes the old credential named in `current`'s retire metadata invalid.
-    pub fn retire(&self, current: &Record) -> Result<Option<String>, Error> {
+    pub async fn retire(
+        &self,
+        current: &Record,
+        ctx: &StepContext<'_>,
+    ) -> Result<Option<String>, Error> {
         match self {
             Config::Prometheus(c) => c.retire(current),
             Config::Files(_) => Ok(None),
+            Config::Elasticsearch(c) => c.retire(current, ctx).await,
         }
     }
 }

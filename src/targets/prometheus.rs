@@ -157,6 +157,7 @@ impl Config {
         Ok(Plan {
             username: Some(new_user.clone()),
             retire_username: cur_user.map(str::to_owned),
+            retire_key_id: None,
             meta: vec![(key::RESTORE_HASH.to_owned(), restore)],
         })
     }
@@ -177,6 +178,7 @@ impl Config {
         Ok(Undo {
             before: Some(before),
             after: Some(after),
+            record: None,
         })
     }
 
@@ -185,6 +187,7 @@ impl Config {
         if let Some(Undo {
             before: Some(before),
             after: Some(after),
+            ..
         }) = undo
         {
             if &now == after {

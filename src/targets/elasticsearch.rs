@@ -1,0 +1,825 @@
+//! `elasticsearch-api-key` target: an Elasticsearch 8.x API key with least privilege,
+//! rotated by creating a SECOND key and invalidating the old one after the grace.
+//!
+//! The lifecycle, mapped onto the engine's steps:
+//!
+//! * `plan` — nothing on Elasticsearch; the current record's `key-id` becomes the key
+//!   to retire (`retire-key-id`).
+//! * `apply` — `POST /_security/api_key` as the admin credential, with the name
+//!   `rotd-<secret>-<rotation id>` (so a key whose id never reached git can still be
+//!   found), one role descriptor `rotd-<secret>` built from `[[target.permissions]]`,
+//!   an `expiration` (always sent), and metadata `{"managed_by": "rotd", "secret": …,
+//!   "rotation": …}`. The id and `api_key` from the answer become the new record
+//!   (returned in [`Undo::record`]); the engine commits that record as pending before
+//!   anything depends on it.
+//! * `probe` — with the NEW key: index one document into the `[probe] index` data
+//!   stream (`POST /<ds>/_doc?refresh=wait_for`, create semantics), read it back with
+//!   the admin credential, then ask `_has_privileges` AS THE NEW KEY: every declared
+//!   privilege must be held, and no index privilege in [`EXCESS_INDEX`] nor cluster
+//!   privilege in [`EXCESS_CLUSTER`] that the declared ones do not imply.
+//! * `rollback` — invalidate the new key (its id from memory or the pending record)
+//!   and every key named `rotd-<secret>-<rotation id>` (a crash between the create and
+//!   the commit leaves only the name), then confirm with `GET` that each is invalidated.
+//! * `retire` — invalidate `retire-key-id` and confirm it.
+//!
+//! Calls are retried on 429 and 5xx answers and connection errors (3 tries, 200 ms,
+//! 400 ms back-off); the time limit of one call is `[probe] timeout`. Error messages
+//! carry the method, path, status and Elasticsearch's `error.type`/`error.reason`,
+//! never a key, a password or an `Authorization` header.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use reqwest::header::{HeaderValue, AUTHORIZATION};
+use serde_json::{json, Value};
+use toml::Spanned;
+
+use super::{http_error, Error, Plan, ProbeContext, ProbeReport, StepContext, Undo};
+use crate::config::{self, RawTarget, Reporter};
+use crate::secret::Secret;
+use crate::store::record::key;
+use crate::store::Record;
+
+pub const KIND: &str = "elasticsearch-api-key";
+
+/// Index privileges the probe checks the new key does NOT hold (unless declared or
+/// implied by a declared one).
+pub const EXCESS_INDEX: &[&str] = &[
+    "read",
+    "write",
+    "index",
+    "delete",
+    "manage",
+    "delete_index",
+    "all",
+    "create_index",
+    "monitor",
+    "view_index_metadata",
+];
+
+/// Cluster privileges the probe checks the new key does NOT hold unless declared.
+pub const EXCESS_CLUSTER: &[&str] = &[
+    "manage_security",
+    "manage_api_key",
+    "manage_own_api_key",
+    "all",
+    "manage",
+];
+
+/// One `[[target.permissions]]` block's index part.
+#[derive(Debug, Clone)]
+pub struct IndexPermission {
+    pub names: Vec<String>,
+    pub privileges: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Base URL, e.g. `https://es.internal:9200`.
+    pub url: String,
+    /// PEM file of the CA that signed the cluster's HTTP certificate.
+    pub ca: Option<PathBuf>,
+    /// Secret in the store: `username` + password (Basic) or `key-id` + api_key.
+    pub admin_credential: String,
+    /// Lifetime of a new key; None = 2 × grace + 30 days (set by [`Config::set_grace`]).
+    pub expiration: Option<Duration>,
+    /// Union of every block's `cluster` privileges.
+    pub cluster: Vec<String>,
+    pub indices: Vec<IndexPermission>,
+    /// Data stream the probe writes to.
+    pub probe_index: String,
+    /// Time limit of one HTTP call (`[probe] timeout`).
+    pub timeout: Duration,
+}
+
+fn valid_privilege(p: &str) -> bool {
+    !p.is_empty()
+        && p.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_:*/".contains(&b))
+}
+
+impl Config {
+    pub(crate) fn from_raw(
+        raw: &Spanned<RawTarget>,
+        probe: &config::Probe,
+        probe_span: Option<std::ops::Range<usize>>,
+        rep: &mut Reporter<'_>,
+    ) -> Option<Config> {
+        let t = raw.get_ref();
+        let before = rep.count();
+        t.only(
+            &["url", "ca", "admin_credential", "expiration", "permissions"],
+            rep,
+            raw,
+        );
+        let url = match t.url() {
+            Some(u)
+                if u.get_ref().starts_with("http://") || u.get_ref().starts_with("https://") =>
+            {
+                Some(u.get_ref().trim_end_matches('/').to_owned())
+            }
+            Some(u) => {
+                rep.at(
+                    u,
+                    format!(
+                        "target.url = {:?} must start with http:// or https://",
+                        u.get_ref()
+                    ),
+                );
+                None
+            }
+            None => {
+                rep.at(raw, "target.url is required for elasticsearch-api-key: the cluster's base URL, e.g. \"https://es.internal:9200\"");
+                None
+            }
+        };
+        let ca = t.ca().map(|c| {
+            let p = rep.resolve(c.get_ref());
+            match std::fs::read(&p) {
+                Ok(pem) => {
+                    if reqwest::Certificate::from_pem(&pem).is_err() {
+                        rep.at(c, format!("target.ca {} is not a PEM certificate; give the CA that signed the cluster's HTTP certificate (e.g. config/certs/http_ca.crt)", p.display()));
+                    }
+                }
+                Err(e) => rep.at(
+                    c,
+                    format!(
+                        "target.ca {} cannot be read: {e}; fix the path or remove the setting",
+                        p.display()
+                    ),
+                ),
+            }
+            if url.as_deref().is_some_and(|u| u.starts_with("http://")) {
+                rep.at(
+                    c,
+                    "target.ca is only used with an https:// url; remove it or use https",
+                );
+            }
+            p
+        });
+        let admin_credential = match t.admin_credential() {
+            Some(a) if config::valid_name(a.get_ref()) => Some(a.get_ref().clone()),
+            Some(a) => {
+                rep.at(
+                    a,
+                    format!(
+                        "target.admin_credential = {:?} is not a valid secret name",
+                        a.get_ref()
+                    ),
+                );
+                None
+            }
+            None => {
+                rep.at(raw, "target.admin_credential is required: the secret in the store holding the credential that creates and invalidates API keys (import it with `rotd import NAME --username USER` or `--key-id=ID`)");
+                None
+            }
+        };
+        let expiration = t.expiration().and_then(|e| match config::parse_duration(e.get_ref()) {
+            Ok(d) if d >= Duration::from_secs(60) => Some(d),
+            Ok(_) => {
+                rep.at(e, "target.expiration must be at least 1m; it should exceed the rotation interval plus the grace");
+                None
+            }
+            Err(m) => {
+                rep.at(e, format!("target.expiration: {m}"));
+                None
+            }
+        });
+        let mut cluster = Vec::new();
+        let mut indices = Vec::new();
+        match t.permissions() {
+            None | Some([]) => rep.at(raw, "at least one [[target.permissions]] block is required: names = [\"logs-app-default\"], privileges = [\"create_doc\", \"auto_configure\"]"),
+            Some(blocks) => {
+                for b in blocks {
+                    let p = b.get_ref();
+                    let mut ok = true;
+                    for list in [&p.names, &p.privileges, &p.cluster].into_iter().flatten() {
+                        if list.get_ref().is_empty() {
+                            rep.at(list, "an empty list; remove the key or name at least one entry");
+                            ok = false;
+                        }
+                    }
+                    for list in [&p.privileges, &p.cluster].into_iter().flatten() {
+                        if let Some(bad) = list.get_ref().iter().find(|x| !valid_privilege(x)) {
+                            rep.at(list, format!("{bad:?} is not an Elasticsearch privilege name (e.g. \"create_doc\", \"auto_configure\", \"read\", \"monitor\")"));
+                            ok = false;
+                        }
+                    }
+                    if let Some(n) = &p.names {
+                        if n.get_ref().iter().any(|x| x.trim().is_empty()) {
+                            rep.at(n, "index names must not be empty");
+                            ok = false;
+                        }
+                    }
+                    match (&p.names, &p.privileges) {
+                        (Some(n), Some(pr)) => {
+                            if ok {
+                                indices.push(IndexPermission {
+                                    names: n.get_ref().clone(),
+                                    privileges: pr.get_ref().clone(),
+                                });
+                            }
+                        }
+                        (None, None) if p.cluster.is_some() => {}
+                        (Some(_), None) => rep.at(b, "this [[target.permissions]] block has `names` but no `privileges`; add e.g. privileges = [\"create_doc\", \"auto_configure\"]"),
+                        (None, Some(_)) => rep.at(b, "this [[target.permissions]] block has `privileges` but no `names`; add the index or data stream names, e.g. names = [\"logs-app-default\"]"),
+                        (None, None) => rep.at(b, "an empty [[target.permissions]] block; give names and privileges (and optionally cluster)"),
+                    }
+                    if let Some(c) = &p.cluster {
+                        for x in c.get_ref() {
+                            if !cluster.contains(x) {
+                                cluster.push(x.clone());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let probe_index = match &probe.index {
+            Some(i) if !i.trim().is_empty() => Some(i.clone()),
+            _ => {
+                let msg = "probe.index is required for elasticsearch-api-key: a data stream the new key may write to, e.g. [probe] index = \"logs-app-default\"";
+                match probe_span {
+                    Some(span) => rep.at(&Spanned::new(span, ()), msg),
+                    None => rep.at(raw, msg),
+                }
+                None
+            }
+        };
+        if rep.count() > before {
+            return None;
+        }
+        Some(Config {
+            url: url?,
+            ca,
+            admin_credential: admin_credential?,
+            expiration,
+            cluster,
+            indices,
+            probe_index: probe_index?,
+            timeout: probe.timeout,
+        })
+    }
+
+    /// Sets the default expiration (2 × grace + 30 days) when none is configured.
+    pub fn set_grace(&mut self, grace: Duration) {
+        if self.expiration.is_none() {
+            self.expiration = Some(grace * 2 + Duration::from_secs(30 * 24 * 3600));
+        }
+    }
+
+    fn expiration(&self) -> Duration {
+        self.expiration
+            .unwrap_or(Duration::from_secs(30 * 24 * 3600))
+    }
+
+    /// Nothing on Elasticsearch: the current key is the one to retire.
+    pub fn plan(&self, current: Option<&Record>) -> Plan {
+        Plan {
+            retire_key_id: current.and_then(|r| r.key_id()).map(str::to_owned),
+            ..Plan::default()
+        }
+    }
+
+    fn role_descriptors(&self, name: &str) -> Value {
+        let indices: Vec<Value> = self
+            .indices
+            .iter()
+            .map(|p| json!({"names": p.names, "privileges": p.privileges}))
+            .collect();
+        json!({ format!("rotd-{name}"): {"cluster": self.cluster, "indices": indices} })
+    }
+
+    fn client(&self) -> Result<reqwest::Client, Error> {
+        let mut b = reqwest::Client::builder()
+            .timeout(self.timeout)
+            .connect_timeout(self.timeout)
+            .user_agent(concat!("rotd/", env!("CARGO_PKG_VERSION")));
+        if let Some(ca) = &self.ca {
+            let pem = std::fs::read(ca)
+                .map_err(|e| Error::Es(format!("cannot read the CA file {}: {e}", ca.display())))?;
+            let cert = reqwest::Certificate::from_pem(&pem)
+                .map_err(|e| Error::Es(format!("CA file {}: {e}", ca.display())))?;
+            b = b.add_root_certificate(cert);
+        }
+        b.build()
+            .map_err(|e| Error::Es(format!("cannot build an HTTP client: {e}")))
+    }
+
+    fn admin_auth(&self, lookup: super::Lookup<'_>) -> Result<Auth, Error> {
+        let rec = lookup(&self.admin_credential)?.ok_or_else(|| {
+            Error::Es(format!(
+                "admin credential {} is not in the store; run `rotd import {} --username USER` (password on stdin) or `--key-id=ID` (api_key on stdin)",
+                self.admin_credential, self.admin_credential
+            ))
+        })?;
+        if let Some(u) = rec.username() {
+            let raw = format!("{u}:{}", rec.secret.expose());
+            return Ok(Auth(format!("Basic {}", STANDARD.encode(raw))));
+        }
+        if let Some(id) = rec.key_id() {
+            return Ok(Auth::api_key(id, &rec.secret));
+        }
+        Err(Error::Es(format!(
+            "admin credential {} has neither a username nor a key-id; import it again with --username or --key-id",
+            self.admin_credential
+        )))
+    }
+
+    /// One call with bounded retries on 429, 5xx and connection errors.
+    async fn call(
+        &self,
+        client: &reqwest::Client,
+        method: reqwest::Method,
+        path: &str,
+        auth: &Auth,
+        body: Option<&Value>,
+    ) -> Result<(u16, Value), Error> {
+        let url = format!("{}{path}", self.url);
+        // The path without its query string, for messages.
+        let shown = path.split('?').next().unwrap_or(path);
+        let mut last = String::new();
+        for attempt in 0..3u32 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(200 << (attempt - 1))).await;
+            }
+            let mut req = client
+                .request(method.clone(), &url)
+                .header(AUTHORIZATION, auth.header()?);
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            match req.send().await {
+                Ok(r) => {
+                    let status = r.status().as_u16();
+                    let v: Value = r.json().await.unwrap_or(Value::Null);
+                    if status == 429 || status >= 500 {
+                        last = describe_error(&method, shown, status, &v);
+                        tracing::debug!(attempt, reason = %last, "elasticsearch call failed; retrying");
+                        continue;
+                    }
+                    return Ok((status, v));
+                }
+                Err(e) => {
+                    last = format!("{method} {shown}: {}", http_error(&e));
+                    if !e.is_connect() {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(Error::Es(last))
+    }
+
+    /// A call whose answer must be 2xx.
+    async fn call_ok(
+        &self,
+        client: &reqwest::Client,
+        method: reqwest::Method,
+        path: &str,
+        auth: &Auth,
+        body: Option<&Value>,
+    ) -> Result<Value, Error> {
+        let (status, v) = self.call(client, method.clone(), path, auth, body).await?;
+        if (200..300).contains(&status) {
+            Ok(v)
+        } else {
+            Err(Error::Es(describe_error(
+                &method,
+                path.split('?').next().unwrap_or(path),
+                status,
+                &v,
+            )))
+        }
+    }
+
+    /// Creates the new key; its id and api_key come back in `Undo::record`.
+    pub async fn apply(&self, new: &Record, ctx: &StepContext<'_>) -> Result<Undo, Error> {
+        let admin = self.admin_auth(ctx.lookup)?;
+        let client = self.client()?;
+        let rotation = new.get(key::ROTATION).unwrap_or("unknown");
+        let name = key_name(ctx.name, rotation);
+        let body = json!({
+            "name": name,
+            "expiration": format!("{}s", self.expiration().as_secs()),
+            "role_descriptors": self.role_descriptors(ctx.name),
+            "metadata": {"managed_by": "rotd", "secret": ctx.name, "rotation": rotation},
+        });
+        let v = self
+            .call_ok(
+                &client,
+                reqwest::Method::POST,
+                "/_security/api_key",
+                &admin,
+                Some(&body),
+            )
+            .await?;
+        let (Some(id), Some(api_key)) = (v["id"].as_str(), v["api_key"].as_str()) else {
+            return Err(Error::Es(
+                "POST /_security/api_key: the answer has no id or api_key".into(),
+            ));
+        };
+        let mut rec = Record {
+            secret: Secret::new(api_key.to_owned()),
+            meta: new.meta.clone(),
+        };
+        rec.set(key::KEY_ID, id);
+        if let Some(ms) = v["expiration"].as_i64() {
+            if let Some(t) = chrono::DateTime::from_timestamp_millis(ms) {
+                rec.set(
+                    key::EXPIRES,
+                    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                );
+            }
+        }
+        tracing::info!(key_id = id, key_name = %name, "new API key created");
+        Ok(Undo {
+            record: Some(rec),
+            ..Undo::default()
+        })
+    }
+
+    pub async fn probe(&self, new: &Record, ctx: &ProbeContext<'_>) -> Result<ProbeReport, Error> {
+        let started = Instant::now();
+        let id = new
+            .key_id()
+            .ok_or_else(|| Error::Probe("the new credential has no key id".into()))?;
+        let auth = Auth::api_key(id, &new.secret);
+        let admin = self.admin_auth(ctx.lookup)?;
+        let client = self.client()?;
+        let ds = &self.probe_index;
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let doc =
+            json!({"@timestamp": now, "rotd": {"rotation": ctx.rotation_id, "secret": ctx.name}});
+        let v = self
+            .call_ok(
+                &client,
+                reqwest::Method::POST,
+                &format!("/{}/_doc?refresh=wait_for", enc(ds)),
+                &auth,
+                Some(&doc),
+            )
+            .await
+            .map_err(|e| Error::Probe(format!("indexing into {ds} with the new key: {e}")))?;
+        let (Some(index), Some(doc_id)) = (v["_index"].as_str(), v["_id"].as_str()) else {
+            return Err(Error::Probe(format!(
+                "indexing into {ds}: the answer has no _index or _id"
+            )));
+        };
+        let got = self
+            .call_ok(
+                &client,
+                reqwest::Method::GET,
+                &format!("/{}/_doc/{}", enc(index), enc(doc_id)),
+                &admin,
+                None,
+            )
+            .await
+            .map_err(|e| Error::Probe(format!("reading the probe document back: {e}")))?;
+        if got["found"] != json!(true)
+            || got["_source"]["rotd"]["rotation"].as_str() != Some(ctx.rotation_id)
+        {
+            return Err(Error::Probe(format!(
+                "the probe document {doc_id} is not found in {index}"
+            )));
+        }
+        self.check_privileges(&client, &auth).await?;
+        Ok(ProbeReport {
+            elapsed: started.elapsed(),
+            detail: format!("document indexed into {ds}, read back; no excess privilege"),
+        })
+    }
+
+    /// `_has_privileges` as the new key: the declared ones held, nothing more.
+    async fn check_privileges(&self, client: &reqwest::Client, auth: &Auth) -> Result<(), Error> {
+        let cluster_excess: Vec<&str> = EXCESS_CLUSTER
+            .iter()
+            .copied()
+            .filter(|p| !implied(&self.cluster, p, cluster_implies))
+            .collect();
+        let mut cluster: Vec<&str> = self.cluster.iter().map(String::as_str).collect();
+        cluster.extend(&cluster_excess);
+        let mut index = Vec::new();
+        let mut expected: Vec<(String, String, bool)> = Vec::new();
+        for p in &self.indices {
+            for n in &p.names {
+                let mut privs: Vec<&str> = p.privileges.iter().map(String::as_str).collect();
+                for x in &privs {
+                    expected.push((n.clone(), x.to_string(), true));
+                }
+                for x in EXCESS_INDEX {
+                    if !implied(&p.privileges, x, index_implies) {
+                        expected.push((n.clone(), x.to_string(), false));
+                        privs.push(x);
+                    }
+                }
+                index.push(json!({"names": [n], "privileges": privs}));
+            }
+        }
+        let body = json!({"cluster": cluster, "index": index});
+        let v = self
+            .call_ok(
+                client,
+                reqwest::Method::POST,
+                "/_security/user/_has_privileges",
+                auth,
+                Some(&body),
+            )
+            .await
+            .map_err(|e| Error::Probe(format!("_has_privileges with the new key: {e}")))?;
+        let mut problems = Vec::new();
+        for c in &self.cluster {
+            if v["cluster"][c] != json!(true) {
+                problems.push(format!("missing cluster privilege {c}"));
+            }
+        }
+        for c in &cluster_excess {
+            if v["cluster"][c] != json!(false) {
+                problems.push(format!("excess cluster privilege {c}"));
+            }
+        }
+        for (n, p, want) in &expected {
+            let held = v["index"][n][p].as_bool();
+            match (want, held) {
+                (true, Some(true)) | (false, Some(false)) => {}
+                (true, _) => problems.push(format!("missing index privilege {p} on {n}")),
+                (false, _) => problems.push(format!("excess index privilege {p} on {n}")),
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Probe(format!(
+                "the new key's privileges differ from the declared ones: {}",
+                problems.join(", ")
+            )))
+        }
+    }
+
+    /// Invalidates the new key: by id (memory or pending record) and by name.
+    pub async fn rollback(
+        &self,
+        pending: &Record,
+        undo: Option<&Undo>,
+        ctx: &StepContext<'_>,
+    ) -> Result<(), Error> {
+        let admin = self.admin_auth(ctx.lookup)?;
+        let client = self.client()?;
+        let mut ids: Vec<String> = Vec::new();
+        let known = undo
+            .and_then(|u| u.record.as_ref())
+            .and_then(|r| r.key_id())
+            .into_iter()
+            .chain(pending.key_id());
+        for id in known {
+            if !ids.iter().any(|x| x == id) {
+                ids.push(id.to_owned());
+            }
+        }
+        let rotation = pending.get(key::ROTATION).unwrap_or("unknown");
+        let name = key_name(ctx.name, rotation);
+        let v = self
+            .call_ok(
+                &client,
+                reqwest::Method::GET,
+                &format!("/_security/api_key?name={}", enc(&name)),
+                &admin,
+                None,
+            )
+            .await?;
+        for k in v["api_keys"].as_array().into_iter().flatten() {
+            if k["name"].as_str() == Some(name.as_str()) && k["invalidated"] != json!(true) {
+                if let Some(id) = k["id"].as_str() {
+                    if !ids.iter().any(|x| x == id) {
+                        ids.push(id.to_owned());
+                    }
+                }
+            }
+        }
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.invalidate(&client, &admin, &ids).await?;
+        tracing::info!(key_ids = ?ids, "new API key invalidated");
+        Ok(())
+    }
+
+    /// Invalidates the key named in `retire-key-id`.
+    pub async fn retire(
+        &self,
+        current: &Record,
+        ctx: &StepContext<'_>,
+    ) -> Result<Option<String>, Error> {
+        let Some(old) = current.get(key::RETIRE_KEY_ID) else {
+            return Ok(None);
+        };
+        if Some(old) == current.key_id() {
+            return Ok(None);
+        }
+        let admin = self.admin_auth(ctx.lookup)?;
+        let client = self.client()?;
+        self.invalidate(&client, &admin, &[old.to_owned()]).await?;
+        tracing::info!(key_id = old, "old API key invalidated");
+        Ok(Some(format!("key={old}")))
+    }
+
+    /// `DELETE /_security/api_key`, then `GET` each id to confirm `invalidated`.
+    async fn invalidate(
+        &self,
+        client: &reqwest::Client,
+        admin: &Auth,
+        ids: &[String],
+    ) -> Result<(), Error> {
+        let v = self
+            .call_ok(
+                client,
+                reqwest::Method::DELETE,
+                "/_security/api_key",
+                admin,
+                Some(&json!({"ids": ids})),
+            )
+            .await?;
+        if v["error_count"].as_u64().unwrap_or(0) > 0 {
+            let details: Vec<String> = v["error_details"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|d| {
+                    format!(
+                        "{}: {}",
+                        d["type"].as_str().unwrap_or("error"),
+                        d["reason"].as_str().unwrap_or("")
+                    )
+                })
+                .collect();
+            return Err(Error::Es(format!(
+                "DELETE /_security/api_key reported {} error(s): {}",
+                v["error_count"],
+                details.join("; ")
+            )));
+        }
+        for id in ids {
+            let (status, v) = self
+                .call(
+                    client,
+                    reqwest::Method::GET,
+                    &format!("/_security/api_key?id={}", enc(id)),
+                    admin,
+                    None,
+                )
+                .await?;
+            if status == 404 {
+                continue; // no such key: nothing can authenticate with it
+            }
+            if !(200..300).contains(&status) {
+                return Err(Error::Es(describe_error(
+                    &reqwest::Method::GET,
+                    "/_security/api_key",
+                    status,
+                    &v,
+                )));
+            }
+            let invalidated = v["api_keys"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|k| k["id"].as_str() == Some(id.as_str()))
+                .all(|k| k["invalidated"] == json!(true));
+            if !invalidated {
+                return Err(Error::Es(format!(
+                    "API key {id} is still valid after the invalidate call"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The name of the key a rotation creates.
+pub fn key_name(secret: &str, rotation: &str) -> String {
+    format!("rotd-{secret}-{rotation}")
+}
+
+/// `base64(id:api_key)`, the form clients send as `Authorization: ApiKey …`.
+pub fn encoded(id: &str, api_key: &Secret) -> Secret {
+    Secret::new(STANDARD.encode(format!("{id}:{}", api_key.expose())))
+}
+
+/// An `Authorization` header value; Debug never shows it.
+struct Auth(String);
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Auth(**)")
+    }
+}
+
+impl Auth {
+    fn api_key(id: &str, api_key: &Secret) -> Auth {
+        Auth(format!("ApiKey {}", encoded(id, api_key).expose()))
+    }
+
+    fn header(&self) -> Result<HeaderValue, Error> {
+        let mut h = HeaderValue::from_str(&self.0)
+            .map_err(|_| Error::Es("the credential cannot be sent in an HTTP header".into()))?;
+        h.set_sensitive(true);
+        Ok(h)
+    }
+}
+
+/// Percent-encodes a path segment or query value.
+fn enc(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// "METHOD /path answered HTTP 500: type: reason".
+fn describe_error(method: &reqwest::Method, path: &str, status: u16, v: &Value) -> String {
+    let err = &v["error"];
+    let detail = match (err["type"].as_str(), err["reason"].as_str()) {
+        (Some(t), Some(r)) => format!(": {t}: {r}"),
+        (Some(t), None) => format!(": {t}"),
+        _ => match err.as_str() {
+            Some(s) => format!(": {s}"),
+            None => String::new(),
+        },
+    };
+    format!("{method} {path} answered HTTP {status}{detail}")
+}
+
+fn implied(declared: &[String], p: &str, implies: fn(&str, &str) -> bool) -> bool {
+    declared.iter().any(|d| d == p || implies(d, p))
+}
+
+/// Does index privilege `held` imply `p` (ES 8.x privilege definitions)?
+fn index_implies(held: &str, p: &str) -> bool {
+    match held {
+        "all" => true,
+        "write" => matches!(p, "index" | "delete" | "create" | "create_doc"),
+        "index" => matches!(p, "create" | "create_doc"),
+        "create" => p == "create_doc",
+        "manage" => matches!(
+            p,
+            "create_index"
+                | "delete_index"
+                | "monitor"
+                | "view_index_metadata"
+                | "auto_configure"
+                | "manage_ilm"
+                | "manage_data_stream_lifecycle"
+                | "manage_follow_index"
+                | "manage_leader_index"
+                | "maintenance"
+        ),
+        _ => false,
+    }
+}
+
+/// Does cluster privilege `held` imply `p`?
+fn cluster_implies(held: &str, p: &str) -> bool {
+    match held {
+        "all" => true,
+        "manage_security" => matches!(p, "manage_api_key" | "manage_own_api_key"),
+        "manage_api_key" => p == "manage_own_api_key",
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn implications() {
+        let d = vec!["create_doc".to_owned(), "auto_configure".to_owned()];
+        for p in EXCESS_INDEX {
+            assert!(!implied(&d, p, index_implies), "{p}");
+        }
+        let w = vec!["write".to_owned()];
+        assert!(implied(&w, "index", index_implies));
+        assert!(!implied(&w, "read", index_implies));
+        assert!(implied(
+            &["manage_security".to_owned()],
+            "manage_api_key",
+            cluster_implies
+        ));
+    }
+
+    #[test]
+    fn encoding() {
+        let e = encoded("id1", &Secret::new("key".into()));
+        assert_eq!(e.expose(), STANDARD.encode("id1:key"));
+        assert_eq!(enc("rotd-a_b.c-01J"), "rotd-a_b.c-01J");
+        assert_eq!(enc("a b/c"), "a%20b%2Fc");
+        assert!(!format!("{:?}", Auth::api_key("i", &Secret::new("k".into()))).contains('k'));
+    }
+}
