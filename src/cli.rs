@@ -25,7 +25,11 @@ pub enum Command {
     Init,
     /// Validate the configuration and every schedule; errors name file:line and the fix
     Check,
-    /// Rotate now
+    /// The daemon (foreground): schedules, control socket, metrics
+    Run,
+    /// Ask the running daemon to re-read the schedules
+    Reload,
+    /// Rotate now (through the running daemon when there is one)
     Rotate {
         /// Secrets to rotate
         #[arg(required_unless_present = "all", conflicts_with = "all")]

@@ -4,13 +4,14 @@
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
-use serde::Serialize;
 
 use crate::cli::{Cli, Command};
+use crate::daemon::control::{self, Request};
 use crate::config::{self, Config};
 use crate::history;
-use crate::rotation::{self, Engine, Outcome, Trigger};
+use crate::rotation::{self, Engine, Trigger};
 use crate::secret::Secret;
 use crate::store::record::key;
 use crate::store::{self, rel_path, Change, Message, Record, Slot, Store};
@@ -37,6 +38,12 @@ pub enum Error {
     Usage(String),
     #[error("cannot write output: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Control(#[from] control::ClientError),
+    #[error("the daemon answered: {0}")]
+    Daemon(String),
+    #[error(transparent)]
+    Run(#[from] crate::daemon::Error),
 }
 
 impl Error {
@@ -49,10 +56,36 @@ impl Error {
             | Error::Store(store::Error::File(crate::fsutil::Error::TooOpen { .. })) => {
                 exit::CONFIG
             }
+            Error::Run(crate::daemon::Error::Config(_)) => exit::CONFIG,
             Error::Rotation(rotation::Error::UnknownSecret(_)) | Error::Usage(_) => exit::USAGE,
             _ => exit::ROLLED_BACK,
         }
     }
+}
+
+/// How long `rotate` waits for the daemon's answer (rotations include probes).
+const ROTATE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// `rotd run`: the daemon until SIGTERM/SIGINT; a second signal exits at once (the
+/// journal covers whatever was in flight).
+async fn run_daemon(path: PathBuf) -> Result<i32, Error> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::info!("signal received: finishing rotations in flight (signal again to exit now)");
+        let _ = first_tx.send(());
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::warn!("second signal: exiting now; unfinished rotations are recovered at the next start");
+        std::process::exit(exit::ROLLED_BACK);
+    });
+    crate::daemon::run(path, async {
+        let _ = first_rx.await;
+    })
+    .await?;
+    Ok(exit::OK)
 }
 
 fn config_path(cli: &Cli) -> PathBuf {
@@ -76,11 +109,51 @@ pub async fn run(cli: Cli) -> Result<i32, Error> {
     match cli.command {
         Command::Init => init(&path, out),
         Command::Check => check(&path, out),
+        Command::Run => {
+            let code = run_daemon(path).await?;
+            Ok(code)
+        }
+        Command::Reload => {
+            let base = config::load_store_only(&path)?;
+            match control::request(&base.daemon.socket, &Request::Reload, Duration::from_secs(60))? {
+                Some(r) if r.ok => {
+                    writeln!(out, "{}", r.message.unwrap_or_default())?;
+                    Ok(exit::OK)
+                }
+                Some(r) => Err(Error::Daemon(r.error.unwrap_or_default())),
+                None => Err(Error::Daemon(format!(
+                    "no daemon listens on {}; start `rotd run`",
+                    base.daemon.socket.display()
+                ))),
+            }
+        }
         Command::Rotate {
             names,
             all,
             dry_run,
         } => {
+            if !dry_run {
+                let base = config::load_store_only(&path)?;
+                let req = Request::Rotate {
+                    names: names.clone(),
+                    all,
+                };
+                if let Some(r) = control::request(&base.daemon.socket, &req, ROTATE_TIMEOUT)? {
+                    let Some(results) = r.results.filter(|_| r.ok) else {
+                        let msg = r.error.unwrap_or_default();
+                        return Err(match r.exit_code {
+                            Some(exit::USAGE) => Error::Usage(msg),
+                            _ => Error::Daemon(msg),
+                        });
+                    };
+                    let mut code = exit::OK;
+                    for res in results {
+                        writeln!(out, "{}: {}", res.name, res.message)?;
+                        code = code.max(res.exit_code);
+                    }
+                    return Ok(code);
+                }
+            }
             let cfg = Arc::new(config::load(&path)?);
             let names = if all {
                 cfg.schedules.iter().map(|s| s.name.clone()).collect()
@@ -100,12 +173,21 @@ pub async fn run(cli: Cli) -> Result<i32, Error> {
             let mut code = exit::OK;
             for n in &names {
                 let outcome = engine.rotate(n, Trigger::manual_here()).await?;
-                print_outcome(n, &outcome, out)?;
+                writeln!(out, "{n}: {}", outcome.message())?;
                 code = code.max(outcome.exit_code());
             }
             Ok(code)
         }
         Command::Status { json } => {
+            let base = config::load_store_only(&path)?;
+            if let Some(r) = control::request(&base.daemon.socket, &Request::Status, Duration::from_secs(60))? {
+                let report = r
+                    .status
+                    .filter(|_| r.ok)
+                    .ok_or_else(|| Error::Daemon(r.error.unwrap_or_default()))?;
+                crate::status::print(&report, json, out)?;
+                return Ok(exit::OK);
+            }
             let cfg = config::load(&path)?;
             let store = open(&cfg).await?;
             status(&cfg, &store, json, out)
@@ -314,24 +396,6 @@ fn dry_run_plan(cfg: &Config, names: &[String], out: &mut impl Write) -> Result<
     Ok(exit::OK)
 }
 
-fn print_outcome(name: &str, o: &Outcome, out: &mut impl Write) -> Result<(), Error> {
-    match o {
-        Outcome::Succeeded { rotation, retired } => writeln!(
-            out,
-            "{name}: rotated (rotation {rotation}){}",
-            if *retired { "; old credential retired" } else { "" }
-        )?,
-        Outcome::RolledBack { rotation, reason } => {
-            writeln!(out, "{name}: FAILED and rolled back (rotation {rotation}): {reason}; the old credential is still in use")?
-        }
-        Outcome::Aborted { reason } => writeln!(out, "{name}: not rotated: {reason}")?,
-        Outcome::Failed { rotation, reason, left } => {
-            writeln!(out, "{name}: FAILED and NOT fully rolled back (rotation {rotation}): {reason}. Left to do: {left}")?
-        }
-    }
-    Ok(())
-}
-
 fn import(
     store: &Store,
     name: &str,
@@ -389,150 +453,12 @@ fn import(
     Ok(exit::OK)
 }
 
-#[derive(Serialize)]
-struct SecretStatus {
-    name: String,
-    state: &'static str,
-    scheduled: bool,
-    kind: Option<&'static str>,
-    last_rotation: Option<LastRotation>,
-    /// Seconds since the current credential was made (last succeeded rotation or import).
-    age_seconds: Option<i64>,
-    next_run: Option<String>,
-    last_error: Option<String>,
-    retire_after: Option<String>,
-}
-
-#[derive(Serialize)]
-struct LastRotation {
-    time: String,
-    outcome: String,
-    rotation: Option<String>,
-    commit: String,
-}
-
 fn status(cfg: &Config, store: &Store, json: bool, out: &mut impl Write) -> Result<i32, Error> {
-    let entries = history::read(store, None)?;
-    let (current, pending) = store.names()?;
-    let mut names: Vec<String> = cfg.schedules.iter().map(|s| s.name.clone()).collect();
-    for n in current.iter().chain(&pending) {
-        if !names.contains(n) {
-            names.push(n.clone());
-        }
-    }
-    let now = chrono::Utc::now();
-    let mut rows = Vec::new();
-    for n in names {
-        let mine: Vec<&history::Entry> = entries
-            .iter()
-            .filter(|e| e.secret.as_deref() == Some(&n))
-            .collect();
-        let last = mine.iter().find(|e| {
-            matches!(
-                e.step.as_deref(),
-                Some("succeeded" | "rolled-back" | "failed")
-            )
-        });
-        let made = mine
-            .iter()
-            .find(|e| matches!(e.step.as_deref(), Some("succeeded" | "imported")));
-        let last_error = mine
-            .iter()
-            .find(|e| e.error.is_some())
-            .and_then(|e| e.error.clone());
-        let retire_pending = mine
-            .iter()
-            .take_while(|e| e.step.as_deref() != Some("retired"))
-            .find(|e| e.step.as_deref() == Some("succeeded"))
-            .and_then(|e| e.retire_after.clone());
-        let sched = cfg.schedule(&n);
-        let state = if pending.contains(&n) {
-            if last.and_then(|e| e.step.as_deref()) == Some("failed") {
-                "failed"
-            } else {
-                "rotating"
-            }
-        } else if !current.contains(&n) {
-            "never-rotated"
-        } else if retire_pending.is_some() {
-            "grace"
-        } else {
-            "ok"
-        };
-        let next_run = sched.and_then(|s| s.cron.as_deref()).and_then(next_run);
-        rows.push(SecretStatus {
-            name: n.clone(),
-            state,
-            scheduled: sched.is_some(),
-            kind: sched.map(|s| s.target.kind()),
-            last_rotation: last.map(|e| LastRotation {
-                time: e.time.clone(),
-                outcome: e.step.clone().unwrap_or_default(),
-                rotation: e.rotation.clone(),
-                commit: e.commit.clone(),
-            }),
-            age_seconds: made.map(|e| now.timestamp() - e.timestamp),
-            next_run,
-            last_error,
-            retire_after: retire_pending,
-        });
-    }
-    let unpushed = store.unpushed()?;
-    if json {
-        serde_json::to_writer_pretty(
-            &mut *out,
-            &serde_json::json!({ "secrets": rows, "unpushed_commits": unpushed }),
-        )
-        .map_err(std::io::Error::from)?;
-        writeln!(out)?;
-    } else {
-        writeln!(
-            out,
-            "{:<24} {:<14} {:<22} {:>10}  {:<22} LAST ERROR",
-            "SECRET", "STATE", "LAST ROTATION", "AGE", "NEXT RUN"
-        )?;
-        for r in &rows {
-            writeln!(
-                out,
-                "{:<24} {:<14} {:<22} {:>10}  {:<22} {}",
-                r.name,
-                r.state,
-                r.last_rotation
-                    .as_ref()
-                    .map(|l| format!("{} {}", &l.time[..l.time.len().min(16)], l.outcome))
-                    .unwrap_or_else(|| "-".into()),
-                r.age_seconds
-                    .map(
-                        |a| humantime::format_duration(std::time::Duration::from_secs(
-                            a.max(0) as u64
-                        ))
-                        .to_string()
-                        .split(' ')
-                        .take(2)
-                        .collect::<Vec<_>>()
-                        .join(" ")
-                    )
-                    .unwrap_or_else(|| "-".into()),
-                r.next_run.as_deref().unwrap_or("-"),
-                r.last_error.as_deref().unwrap_or("")
-            )?;
-        }
-        if let Some(n) = unpushed.filter(|n| *n > 0) {
-            writeln!(out, "{n} commit(s) not pushed to the store remote yet")?;
-        }
-    }
+    let report = crate::status::report(cfg, store, |s| {
+        s.cron
+            .as_deref()
+            .and_then(|c| crate::daemon::scheduler::next_fire(c, chrono::Utc::now()))
+    })?;
+    crate::status::print(&report, json, out)?;
     Ok(exit::OK)
-}
-
-/// The next time a cron expression fires, RFC 3339 UTC.
-pub fn next_run(cron: &str) -> Option<String> {
-    let six: Vec<&str> = cron.split_whitespace().take(6).collect();
-    let c = croner::Cron::new(&six.join(" "))
-        .with_seconds_required()
-        .with_dom_and_dow()
-        .parse()
-        .ok()?;
-    c.find_next_occurrence(&chrono::Utc::now(), false)
-        .ok()
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
 }

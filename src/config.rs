@@ -98,6 +98,12 @@ pub struct Daemon {
     pub schedules: PathBuf,
     pub socket: PathBuf,
     pub metrics: Option<SocketAddr>,
+    /// Group that owns the control socket (mode 0660); None keeps the daemon's group.
+    pub socket_group: Option<String>,
+    /// Uids allowed on the control socket besides root and the daemon's own uid.
+    pub allowed_uids: Vec<u32>,
+    /// How long SIGTERM waits for in-flight rotations.
+    pub shutdown_grace: Duration,
 }
 
 /// One `schedules/NAME.toml`.
@@ -108,6 +114,13 @@ pub struct Schedule {
     pub cron: Option<String>,
     pub jitter: Duration,
     pub grace: Duration,
+    /// Scheduled rotations start only inside this daily UTC window.
+    pub window: Option<Window>,
+    /// At start-up, rotate at once when the current credential is older than this.
+    pub max_age: Option<Duration>,
+    /// Scheduled attempts after a failure, with exponential backoff from `retry_backoff`.
+    pub retries: u32,
+    pub retry_backoff: Duration,
     pub length: usize,
     pub charset: Charset,
     pub target: targets::Config,
@@ -169,6 +182,10 @@ struct RawDaemon {
     schedules: Option<Spanned<PathBuf>>,
     socket: Option<PathBuf>,
     metrics: Option<Spanned<String>>,
+    socket_group: Option<String>,
+    #[serde(default)]
+    allowed_uids: Vec<u32>,
+    shutdown_grace: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -178,6 +195,10 @@ struct RawSchedule {
     schedule: Option<Spanned<String>>,
     jitter: Option<Spanned<String>>,
     grace: Option<Spanned<String>>,
+    window: Option<Spanned<String>>,
+    max_age: Option<Spanned<String>>,
+    retries: Option<u32>,
+    retry_backoff: Option<Spanned<String>>,
     #[serde(default)]
     generate: RawGenerate,
     target: Spanned<RawTarget>,
@@ -444,6 +465,15 @@ fn load_with(path: &Path, with_schedules: bool) -> Result<Config, Error> {
             .map(|p| rep.resolve(&p))
             .unwrap_or_else(|| PathBuf::from("/run/rotd/rotd.sock")),
         metrics,
+        socket_group: raw.daemon.socket_group.clone(),
+        allowed_uids: raw.daemon.allowed_uids.clone(),
+        shutdown_grace: match &raw.daemon.shutdown_grace {
+            None => Duration::from_secs(60),
+            Some(g) => parse_duration(g.get_ref()).unwrap_or_else(|m| {
+                rep.at(g, format!("daemon.shutdown_grace: {m}"));
+                Duration::from_secs(60)
+            }),
+        },
     };
     let mut schedules = Vec::new();
     if with_schedules && schedules_dir.is_dir() {
@@ -551,6 +581,18 @@ pub fn load_schedule(file: &Path, problems: &mut Vec<Problem>) -> Option<Schedul
     };
     let jitter = dur(&raw.jitter, "jitter", Duration::ZERO);
     let grace = dur(&raw.grace, "grace", Duration::from_secs(15 * 60));
+    let retry_backoff = dur(&raw.retry_backoff, "retry_backoff", Duration::from_secs(60));
+    let max_age = raw
+        .max_age
+        .as_ref()
+        .map(|_| dur(&raw.max_age, "max_age", Duration::ZERO));
+    let window = raw.window.as_ref().and_then(|w| match Window::parse(w.get_ref()) {
+        Ok(win) => Some(win),
+        Err(m) => {
+            rep.at(w, m);
+            None
+        }
+    });
     let length = match &raw.generate.length {
         None => 32,
         Some(l) if (16..=4096).contains(l.get_ref()) => *l.get_ref() as usize,
@@ -624,12 +666,45 @@ pub fn load_schedule(file: &Path, problems: &mut Vec<Problem>) -> Option<Schedul
         cron,
         jitter,
         grace,
+        window,
+        max_age,
+        retries: raw.retries.unwrap_or(3),
+        retry_backoff,
         length,
         charset,
         target: target?,
         deliver,
         probe,
     })
+}
+
+/// A daily UTC time window `"HH:MM-HH:MM"`; it may wrap midnight (`"22:00-04:00"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub start: chrono::NaiveTime,
+    pub end: chrono::NaiveTime,
+}
+
+impl Window {
+    pub fn parse(s: &str) -> Result<Window, String> {
+        let bad = || format!("window = {s:?} is not \"HH:MM-HH:MM\" (UTC), e.g. \"02:00-05:00\"");
+        let (a, b) = s.split_once('-').ok_or_else(bad)?;
+        let t = |x: &str| chrono::NaiveTime::parse_from_str(x.trim(), "%H:%M").map_err(|_| bad());
+        let w = Window { start: t(a)?, end: t(b)? };
+        if w.start == w.end {
+            return Err(bad());
+        }
+        Ok(w)
+    }
+
+    pub fn contains(&self, t: chrono::DateTime<chrono::Utc>) -> bool {
+        let now = t.time();
+        if self.start < self.end {
+            self.start <= now && now < self.end
+        } else {
+            now >= self.start || now < self.end
+        }
+    }
 }
 
 /// Checks a cron expression with seconds, as the daemon's scheduler reads it.

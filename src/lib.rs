@@ -30,11 +30,14 @@
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod daemon;
 pub mod deliver;
 pub mod fsutil;
 pub mod history;
+pub mod metrics;
 pub mod rotation;
 pub mod secret;
 pub mod signing;
+pub mod status;
 pub mod store;
 pub mod targets;

@@ -103,6 +103,33 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// The `outcome` label in metrics and the control protocol.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Succeeded { .. } => "succeeded",
+            Outcome::RolledBack { .. } => "rolled-back",
+            Outcome::Aborted { .. } => "aborted",
+            Outcome::Failed { .. } => "failed",
+        }
+    }
+
+    /// One line for the operator.
+    pub fn message(&self) -> String {
+        match self {
+            Outcome::Succeeded { rotation, retired } => format!(
+                "rotated (rotation {rotation}){}",
+                if *retired { "; old credential retired" } else { "" }
+            ),
+            Outcome::RolledBack { rotation, reason } => format!(
+                "FAILED and rolled back (rotation {rotation}): {reason}; the old credential is still in use"
+            ),
+            Outcome::Aborted { reason } => format!("not rotated: {reason}"),
+            Outcome::Failed { rotation, reason, left } => format!(
+                "FAILED and NOT fully rolled back (rotation {rotation}): {reason}. Left to do: {left}"
+            ),
+        }
+    }
+
     pub fn exit_code(&self) -> i32 {
         match self {
             Outcome::Succeeded { .. } => 0,

@@ -1,0 +1,631 @@
+//! `rotd run`: the long-running host service.
+//!
+//! ```text
+//!  cron tasks ─┐                     ┌─► rotation tasks (Engine::rotate; joined per secret)
+//!  socket ─────┼─► Command channel ──┼─► reload (schedules re-read; bad files keep their old version)
+//!  SIGHUP ─────┤      (one loop)     └─► retire (timers at each retire-after; retried with backoff)
+//!  watcher ────┘
+//!  /metrics, /healthz ◄── Metrics + status report     sd_notify: READY, WATCHDOG, STOPPING
+//! ```
+//!
+//! Everything that starts work sends a [`Command`] to one channel; the loop owns the
+//! schedule tasks and spawns rotations. Nothing polls: cron tasks sleep until their
+//! next fire time, retire timers until the grace ends, the watcher waits on inotify.
+//!
+//! Concurrency: two requests to rotate the same secret JOIN — the second gets the
+//! outcome of the rotation already running instead of starting another (different
+//! secrets rotate in parallel). Between processes, the per-secret `flock` and the
+//! store's push CAS still apply.
+//!
+//! Shutdown: the `shutdown` future (SIGTERM/SIGINT in `main`) stops new rotations and
+//! waits for in-flight ones, bounded by `[daemon] shutdown_grace`; a rotation never
+//! stops half-way on its own, and a hard kill is covered by the journal (recovery at
+//! the next start).
+
+pub mod control;
+pub mod http;
+pub mod scheduler;
+pub mod systemd;
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::task::JoinHandle;
+
+use crate::config::{self, Config, Problem, Schedule};
+use crate::metrics::{Gauges, Metrics};
+use crate::rotation::{Engine, Outcome, Trigger};
+use crate::store::record::key;
+use crate::store::{Slot, Store};
+use control::{Request, Response, RotateResult};
+
+/// The daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Config(#[from] config::Error),
+    #[error(transparent)]
+    Store(#[from] crate::store::Error),
+    #[error(transparent)]
+    Rotation(#[from] crate::rotation::Error),
+    #[error("cannot listen on {what} {addr}: {source}")]
+    Listen {
+        what: &'static str,
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot watch {path}: {reason}")]
+    Watch { path: PathBuf, reason: String },
+}
+
+type RotationResult = Result<Outcome, String>;
+
+/// Work for the daemon's loop.
+pub enum Command {
+    Rotate {
+        names: Vec<String>,
+        trigger: Trigger,
+        reply: oneshot::Sender<Vec<(String, RotationResult)>>,
+    },
+    Reload {
+        reply: Option<oneshot::Sender<String>>,
+    },
+    Retire,
+}
+
+struct Shared {
+    config_path: PathBuf,
+    config: RwLock<Arc<Config>>,
+    store: Arc<Store>,
+    metrics: Metrics,
+    next_runs: Mutex<BTreeMap<String, DateTime<Utc>>>,
+    schedule_errors: Mutex<Vec<Problem>>,
+    inflight: Mutex<HashMap<String, watch::Receiver<Option<RotationResult>>>>,
+    active: AtomicUsize,
+    idle: Notify,
+    stopping: AtomicBool,
+    tx: mpsc::Sender<Command>,
+}
+
+impl Shared {
+    fn config(&self) -> Arc<Config> {
+        self.config.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn engine(&self) -> Engine {
+        Engine::new(self.config(), self.store.clone())
+    }
+
+    /// Rotates one secret, or joins the rotation of it already running.
+    async fn rotate(self: &Arc<Self>, name: &str, trigger: Trigger) -> RotationResult {
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err("the daemon is shutting down; rotation not started".into());
+        }
+        let start = {
+            let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            match map.get(name) {
+                Some(rx) => Err(rx.clone()),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    map.insert(name.to_owned(), rx);
+                    Ok(tx)
+                }
+            }
+        };
+        let tx = match start {
+            Ok(tx) => tx,
+            Err(mut rx) => {
+                tracing::info!(secret = name, "a rotation of this secret is running; joining it");
+                let joined = rx.wait_for(|v| v.is_some()).await;
+                return match joined {
+                    Ok(v) => v.clone().unwrap_or_else(|| Err("joined rotation vanished".into())),
+                    Err(_) => Err("the rotation it joined ended without a result".into()),
+                };
+            }
+        };
+        self.active.fetch_add(1, Ordering::SeqCst);
+        let started = Instant::now();
+        let result = self.engine().rotate(name, trigger).await.map_err(|e| e.to_string());
+        let label = match &result {
+            Ok(o) => o.label(),
+            Err(_) => "error",
+        };
+        self.metrics.rotation(name, label, started.elapsed().as_secs_f64());
+        if matches!(result, Ok(Outcome::Succeeded { retired: false, .. })) {
+            self.schedule_retire_from_store(name);
+        }
+        let _ = tx.send(Some(result.clone()));
+        self.inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
+        if self.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.idle.notify_waiters();
+        }
+        result
+    }
+
+    /// Sets a timer for the secret's pending retirement, read from its record.
+    fn schedule_retire_from_store(self: &Arc<Self>, name: &str) {
+        let store = self.store.clone();
+        let name = name.to_owned();
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let after = tokio::task::spawn_blocking(move || {
+                store.read(&name, Slot::Current).ok().flatten().and_then(|r| {
+                    r.get(key::RETIRE_AFTER)
+                        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+                        .map(|t| t.with_timezone(&Utc))
+                })
+            })
+            .await
+            .ok()
+            .flatten();
+            if let Some(at) = after {
+                let wait = (at - Utc::now()).to_std().unwrap_or_default();
+                tokio::time::sleep(wait).await;
+                let _ = tx.send(Command::Retire).await;
+            }
+        });
+    }
+
+    fn status(&self) -> Result<crate::status::Report, crate::store::Error> {
+        let cfg = self.config();
+        let next = self.next_runs.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut r = crate::status::report(&cfg, &self.store, |s| next.get(&s.name).copied())?;
+        r.schedule_errors = self
+            .schedule_errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        r.daemon = true;
+        Ok(r)
+    }
+
+    async fn render_metrics(self: Arc<Self>) -> String {
+        let me = self.clone();
+        let report = tokio::task::spawn_blocking(move || me.status()).await;
+        let mut g = Gauges::default();
+        if let Ok(Ok(r)) = report {
+            for s in &r.secrets {
+                let unix = |t: &Option<String>| {
+                    t.as_deref()
+                        .and_then(|x| DateTime::parse_from_rfc3339(x).ok())
+                        .map(|t| t.timestamp())
+                };
+                g.secrets.insert(s.name.clone(), (unix(&s.last_success), s.age_seconds, unix(&s.next_run)));
+                if s.retire_after.is_some() {
+                    g.pending_retirements += 1;
+                }
+            }
+            g.schedule_errors = r.schedule_errors.len();
+        }
+        self.metrics.render(&g)
+    }
+}
+
+fn describe(o: &RotationResult) -> (String, i32, String) {
+    match o {
+        Ok(o) => (o.label().into(), o.exit_code(), o.message()),
+        Err(e) => ("error".into(), 1, e.clone()),
+    }
+}
+
+/// Loads every schedule file; an invalid file keeps its previous valid version.
+fn load_schedules(dir: &Path, previous: &[Schedule]) -> (Vec<Schedule>, Vec<Problem>) {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    let mut out = Vec::new();
+    let mut problems = Vec::new();
+    for f in files {
+        let mut p = Vec::new();
+        match config::load_schedule(&f, &mut p) {
+            Some(s) if p.is_empty() => out.push(s),
+            _ => {
+                for x in &p {
+                    tracing::error!(problem = %x, "invalid schedule file; its previous version keeps running");
+                }
+                problems.extend(p);
+                if let Some(old) = previous.iter().find(|s| s.file == f) {
+                    out.push(old.clone());
+                }
+            }
+        }
+    }
+    (out, problems)
+}
+
+/// Runs the daemon until `shutdown` resolves, then drains in-flight rotations.
+pub async fn run(config_path: PathBuf, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    let base = config::load_store_only(&config_path)?;
+    let (schedules, problems) = load_schedules(&base.daemon.schedules, &[]);
+    let cfg = Arc::new(Config { schedules, ..base });
+    let store = {
+        let c = cfg.store.clone();
+        Arc::new(
+            tokio::task::spawn_blocking(move || Store::open(&c))
+                .await
+                .map_err(|e| crate::rotation::Error::Join(e.to_string()))??,
+        )
+    };
+    let (tx, mut rx) = mpsc::channel::<Command>(256);
+    let shared = Arc::new(Shared {
+        config_path: config_path.clone(),
+        config: RwLock::new(cfg.clone()),
+        store: store.clone(),
+        metrics: Metrics::default(),
+        next_runs: Mutex::new(BTreeMap::new()),
+        schedule_errors: Mutex::new(problems),
+        inflight: Mutex::new(HashMap::new()),
+        active: AtomicUsize::new(0),
+        idle: Notify::new(),
+        stopping: AtomicBool::new(false),
+        tx: tx.clone(),
+    });
+
+    // Recovery before anything is scheduled.
+    for (name, outcome) in shared.engine().recover_all().await? {
+        tracing::warn!(secret = %name, outcome = ?outcome, "recovered an unfinished rotation");
+    }
+
+    let control = bind_control(&cfg)?;
+    let metrics_listener = match cfg.daemon.metrics {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|source| Error::Listen {
+            what: "metrics",
+            addr: addr.to_string(),
+            source,
+        })?),
+        None => None,
+    };
+    let _watcher = watch_schedules(&cfg.daemon.schedules, tx.clone())?;
+    let mut tasks = plan(&shared);
+    startup_rotations(&shared);
+    for s in &cfg.schedules {
+        shared.schedule_retire_from_store(&s.name);
+    }
+
+    let mut background = Vec::new();
+    background.push(tokio::spawn(serve_control(control, shared.clone())));
+    if let Some(l) = metrics_listener {
+        let sh = shared.clone();
+        background.push(tokio::spawn(http::serve(l, move || sh.clone().render_metrics())));
+    }
+    if let Some(every) = systemd::watchdog_interval() {
+        background.push(tokio::spawn(async move {
+            loop {
+                systemd::notify("WATCHDOG=1");
+                tokio::time::sleep(every).await;
+            }
+        }));
+    }
+    background.push(tokio::spawn(sighup(tx.clone())));
+    systemd::notify("READY=1");
+    tracing::info!(config = %config_path.display(), schedules = cfg.schedules.len(), "rotd daemon ready");
+
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            cmd = rx.recv() => match cmd {
+                None => break,
+                Some(Command::Rotate { names, trigger, reply }) => {
+                    let sh = shared.clone();
+                    // Different secrets rotate in parallel; results in request order.
+                    let handles: Vec<_> = names
+                        .into_iter()
+                        .map(|n| {
+                            let sh = sh.clone();
+                            let t = trigger.clone();
+                            tokio::spawn(async move {
+                                let r = sh.rotate(&n, t).await;
+                                (n, r)
+                            })
+                        })
+                        .collect();
+                    tokio::spawn(async move {
+                        let mut out = Vec::new();
+                        for h in handles {
+                            match h.await {
+                                Ok(r) => out.push(r),
+                                Err(e) => out.push((String::new(), Err(e.to_string()))),
+                            }
+                        }
+                        let _ = reply.send(out);
+                    });
+                }
+                Some(Command::Reload { reply }) => {
+                    let msg = reload(&shared, &mut tasks);
+                    if let Some(r) = reply {
+                        let _ = r.send(msg);
+                    }
+                }
+                Some(Command::Retire) => {
+                    let sh = shared.clone();
+                    tokio::spawn(async move { retire(sh).await });
+                }
+            }
+        }
+    }
+
+    tracing::info!("shutting down: waiting for rotations in flight");
+    systemd::notify("STOPPING=1");
+    shared.stopping.store(true, Ordering::SeqCst);
+    for t in tasks.values() {
+        t.abort();
+    }
+    let grace = shared.config().daemon.shutdown_grace;
+    let drained = tokio::time::timeout(grace, async {
+        loop {
+            let idle = shared.idle.notified();
+            if shared.active.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            idle.await;
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(?grace, "rotations still in flight after the shutdown grace; the journal will recover them at the next start");
+    }
+    for b in background {
+        b.abort();
+    }
+    let _ = std::fs::remove_file(&shared.config().daemon.socket);
+    tracing::info!("rotd daemon stopped");
+    Ok(())
+}
+
+/// One task per schedule with a cron expression.
+fn plan(shared: &Arc<Shared>) -> HashMap<String, JoinHandle<()>> {
+    let cfg = shared.config();
+    let mut tasks = HashMap::new();
+    let mut next = shared.next_runs.lock().unwrap_or_else(|p| p.into_inner());
+    next.clear();
+    for s in cfg.schedules.iter().filter(|s| s.cron.is_some()) {
+        let Some(first) = scheduler::next_run(s, Utc::now()) else { continue };
+        next.insert(s.name.clone(), first);
+        tasks.insert(s.name.clone(), tokio::spawn(schedule_task(shared.clone(), s.clone(), first)));
+    }
+    tasks
+}
+
+async fn schedule_task(shared: Arc<Shared>, sched: Schedule, mut at: DateTime<Utc>) {
+    loop {
+        let wait = (at - Utc::now()).to_std().unwrap_or_default();
+        tokio::time::sleep(wait).await;
+        if sched.window.is_some_and(|w| !w.contains(Utc::now())) {
+            tracing::info!(secret = %sched.name, "scheduled rotation skipped: outside its window");
+        } else {
+            let name = sched.name.clone();
+            scheduler::retry(sched.retries, sched.retry_backoff, sched.window, Utc::now, || {
+                let sh = shared.clone();
+                let n = name.clone();
+                async move { matches!(sh.rotate(&n, Trigger::Schedule).await, Ok(Outcome::Succeeded { .. })) }
+            })
+            .await;
+        }
+        let Some(next) = scheduler::next_run(&sched, Utc::now()) else { return };
+        at = next;
+        shared.next_runs.lock().unwrap_or_else(|p| p.into_inner()).insert(sched.name.clone(), at);
+    }
+}
+
+/// `max_age`: rotate at start-up the secrets whose credential is too old.
+fn startup_rotations(shared: &Arc<Shared>) {
+    let sh = shared.clone();
+    tokio::spawn(async move {
+        let me = sh.clone();
+        let Ok(Ok(report)) = tokio::task::spawn_blocking(move || me.status()).await else { return };
+        let cfg = sh.config();
+        for s in cfg.schedules.iter().filter(|s| s.max_age.is_some()) {
+            let age = report.secrets.iter().find(|r| r.name == s.name).and_then(|r| r.age_seconds);
+            if scheduler::too_old(s.max_age, age) {
+                tracing::info!(secret = %s.name, ?age, "credential older than max_age; rotating now");
+                let _ = sh.rotate(&s.name, Trigger::Schedule).await;
+            }
+        }
+    });
+}
+
+fn reload(shared: &Arc<Shared>, tasks: &mut HashMap<String, JoinHandle<()>>) -> String {
+    let old = shared.config();
+    let (schedules, problems) = load_schedules(&old.daemon.schedules, &old.schedules);
+    let n = schedules.len();
+    let errors = problems.len();
+    *shared.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Config {
+        schedules,
+        ..(*old).clone()
+    });
+    *shared.schedule_errors.lock().unwrap_or_else(|p| p.into_inner()) = problems;
+    shared.metrics.reload(if errors == 0 { "ok" } else { "errors" });
+    for t in tasks.values() {
+        t.abort();
+    }
+    *tasks = plan(shared);
+    tracing::info!(schedules = n, errors, config = %shared.config_path.display(), "schedules reloaded");
+    format!("{n} schedule(s) loaded, {errors} error(s)")
+}
+
+async fn retire(shared: Arc<Shared>) {
+    let mut attempt = 0;
+    loop {
+        match shared.engine().retire_due().await {
+            Ok(results) => {
+                let failed = results.iter().filter(|(_, r)| r.is_err()).count();
+                if failed == 0 {
+                    return;
+                }
+                tracing::warn!(failed, "retirements failed; retrying with backoff");
+            }
+            Err(e) => tracing::warn!(error = %e, "retire failed; retrying with backoff"),
+        }
+        tokio::time::sleep(scheduler::backoff(attempt, Duration::from_secs(30))).await;
+        attempt += 1;
+        if attempt > 10 {
+            tracing::error!("retirements still failing after 10 attempts; `rotd retire` or the next rotation will try again");
+            return;
+        }
+    }
+}
+
+async fn sighup(tx: mpsc::Sender<Command>) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading schedules");
+        let _ = tx.send(Command::Reload { reply: None }).await;
+    }
+}
+
+/// Watches the schedules directory; bursts of events (editors write, rename, chmod)
+/// are debounced into one reload.
+fn watch_schedules(dir: &Path, tx: mpsc::Sender<Command>) -> Result<notify::RecommendedWatcher, Error> {
+    use notify::Watcher;
+    let (etx, mut erx) = mpsc::unbounded_channel::<()>();
+    let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res {
+            if !ev.kind.is_access() {
+                let _ = etx.send(());
+            }
+        }
+    })
+    .map_err(|e| Error::Watch { path: dir.to_owned(), reason: e.to_string() })?;
+    w.watch(dir, notify::RecursiveMode::NonRecursive)
+        .map_err(|e| Error::Watch { path: dir.to_owned(), reason: e.to_string() })?;
+    tokio::spawn(async move {
+        while erx.recv().await.is_some() {
+            // Quiet for 300 ms: the edit is complete.
+            while let Ok(Some(())) = tokio::time::timeout(Duration::from_millis(300), erx.recv()).await {}
+            if tx.send(Command::Reload { reply: None }).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(w)
+}
+
+fn bind_control(cfg: &Config) -> Result<tokio::net::UnixListener, Error> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = &cfg.daemon.socket;
+    let err = |source| Error::Listen { what: "control socket", addr: path.display().to_string(), source };
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(err(std::io::Error::new(std::io::ErrorKind::AddrInUse, "another rotd daemon is listening there")));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    let l = tokio::net::UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
+    if let Some(g) = &cfg.daemon.socket_group {
+        match nix::unistd::Group::from_name(g) {
+            Ok(Some(group)) => nix::unistd::chown(path, None, Some(group.gid)).map_err(|e| err(e.into()))?,
+            _ => tracing::warn!(group = %g, "daemon.socket_group does not exist; the socket keeps the daemon's group"),
+        }
+    }
+    Ok(l)
+}
+
+async fn serve_control(listener: tokio::net::UnixListener, shared: Arc<Shared>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let sh = shared.clone();
+        tokio::spawn(async move { handle_client(stream, sh).await });
+    }
+}
+
+async fn handle_client(stream: tokio::net::UnixStream, shared: Arc<Shared>) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let cred = stream.peer_cred().ok();
+    let uid = cred.as_ref().map(|c| c.uid()).unwrap_or(u32::MAX);
+    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)).ok().flatten().map(|u| u.name);
+    let (r, mut w) = stream.into_split();
+    let mut lines = BufReader::new(r).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let me = nix::unistd::getuid().as_raw();
+        let cfg = shared.config();
+        let allowed = uid == 0 || uid == me || cfg.daemon.allowed_uids.contains(&uid);
+        tracing::info!(uid, user = ?user, pid = ?cred.as_ref().and_then(|c| c.pid()), allowed, "control request");
+        let resp = if !allowed {
+            Response::error(format!("uid {uid} is not allowed on the control socket; add it to [daemon] allowed_uids"))
+        } else {
+            match serde_json::from_str::<Request>(&line) {
+                Err(e) => Response::error(format!("bad request: {e}")),
+                Ok(req) => answer(req, uid, user.clone(), &shared).await,
+            }
+        };
+        let mut text = serde_json::to_string(&resp).unwrap_or_else(|_| "{\"ok\":false}".into());
+        text.push('\n');
+        if w.write_all(text.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn answer(req: Request, uid: u32, user: Option<String>, shared: &Arc<Shared>) -> Response {
+    match req {
+        Request::Status => {
+            let sh = shared.clone();
+            match tokio::task::spawn_blocking(move || sh.status()).await {
+                Ok(Ok(r)) => Response { ok: true, status: Some(r), ..Default::default() },
+                Ok(Err(e)) => Response::error(e.to_string()),
+                Err(e) => Response::error(e.to_string()),
+            }
+        }
+        Request::Reload => {
+            let (tx, rx) = oneshot::channel();
+            if shared.tx.send(Command::Reload { reply: Some(tx) }).await.is_err() {
+                return Response::error("the daemon is stopping");
+            }
+            match rx.await {
+                Ok(m) => Response { ok: true, message: Some(m), ..Default::default() },
+                Err(_) => Response::error("the daemon is stopping"),
+            }
+        }
+        Request::Rotate { names, all } => {
+            let cfg = shared.config();
+            let names = if all { cfg.schedules.iter().map(|s| s.name.clone()).collect() } else { names };
+            if let Some(unknown) = names.iter().find(|n| cfg.schedule(n).is_none()) {
+                return Response {
+                    exit_code: Some(crate::commands::exit::USAGE),
+                    ..Response::error(format!("no schedule named {unknown:?}; list them with `rotd status`"))
+                };
+            }
+            let (tx, rx) = oneshot::channel();
+            let cmd = Command::Rotate { names, trigger: Trigger::Manual { uid, user }, reply: tx };
+            if shared.tx.send(cmd).await.is_err() {
+                return Response::error("the daemon is stopping");
+            }
+            match rx.await {
+                Ok(results) => Response {
+                    ok: true,
+                    results: Some(
+                        results
+                            .iter()
+                            .map(|(name, r)| {
+                                let (outcome, exit_code, message) = describe(r);
+                                RotateResult { name: name.clone(), outcome, exit_code, message }
+                            })
+                            .collect(),
+                    ),
+                    ..Default::default()
+                },
+                Err(_) => Response::error("the daemon stopped before the rotation finished"),
+            }
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! Every metric rotd exposes, in one place: names, help texts, and the Prometheus
+//! text-format rendering served on `[daemon] metrics` `/metrics`.
+//!
+//! Labels carry secret NAMES and outcomes only — never a value, a fingerprint, a user
+//! or a key id. Counters only go up for the life of the process.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+
+pub const ROTATIONS_TOTAL: &str = "rotd_rotations_total";
+pub const LAST_SUCCESS: &str = "rotd_last_success_timestamp_seconds";
+pub const SECRET_AGE: &str = "rotd_secret_age_seconds";
+pub const NEXT_ROTATION: &str = "rotd_next_rotation_timestamp_seconds";
+pub const ROTATION_DURATION: &str = "rotd_rotation_duration_seconds";
+pub const PENDING_RETIREMENTS: &str = "rotd_pending_retirements";
+pub const SCHEDULE_ERRORS: &str = "rotd_schedule_errors";
+pub const RELOADS_TOTAL: &str = "rotd_schedule_reloads_total";
+
+/// Histogram buckets of a rotation's duration (seconds).
+const BUCKETS: &[f64] = &[0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
+
+#[derive(Default)]
+struct Histogram {
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+#[derive(Default)]
+struct Inner {
+    rotations: BTreeMap<(String, String), u64>,
+    durations: BTreeMap<String, Histogram>,
+    reloads: BTreeMap<String, u64>,
+}
+
+/// The daemon's counters and histograms; gauges are computed at scrape time.
+#[derive(Default)]
+pub struct Metrics {
+    inner: Mutex<Inner>,
+}
+
+/// Gauge values read at scrape time.
+#[derive(Default)]
+pub struct Gauges {
+    /// secret → (last success unix time, age seconds, next rotation unix time)
+    pub secrets: BTreeMap<String, (Option<i64>, Option<i64>, Option<i64>)>,
+    pub pending_retirements: usize,
+    pub schedule_errors: usize,
+}
+
+impl Metrics {
+    pub fn rotation(&self, secret: &str, outcome: &str, seconds: f64) {
+        let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        *m.rotations.entry((secret.to_owned(), outcome.to_owned())).or_default() += 1;
+        let h = m.durations.entry(secret.to_owned()).or_insert_with(|| Histogram {
+            counts: vec![0; BUCKETS.len()],
+            ..Default::default()
+        });
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if seconds <= *b {
+                h.counts[i] += 1;
+            }
+        }
+        h.sum += seconds;
+        h.count += 1;
+    }
+
+    pub fn reload(&self, outcome: &str) {
+        let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        *m.reloads.entry(outcome.to_owned()).or_default() += 1;
+    }
+
+    /// The Prometheus text exposition format (version 0.0.4).
+    pub fn render(&self, g: &Gauges) -> String {
+        let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = String::new();
+        let head = |out: &mut String, name: &str, kind: &str, help: &str| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+        head(&mut out, ROTATIONS_TOTAL, "counter", "Rotations finished, by secret and outcome.");
+        for ((s, o), v) in &m.rotations {
+            let _ = writeln!(out, "{ROTATIONS_TOTAL}{{secret=\"{}\",outcome=\"{}\"}} {v}", esc(s), esc(o));
+        }
+        head(&mut out, ROTATION_DURATION, "histogram", "Duration of a rotation, from plan to the succeeded or rolled-back commit.");
+        for (s, h) in &m.durations {
+            for (i, b) in BUCKETS.iter().enumerate() {
+                let _ = writeln!(out, "{ROTATION_DURATION}_bucket{{secret=\"{}\",le=\"{b}\"}} {}", esc(s), h.counts[i]);
+            }
+            let _ = writeln!(out, "{ROTATION_DURATION}_bucket{{secret=\"{}\",le=\"+Inf\"}} {}", esc(s), h.count);
+            let _ = writeln!(out, "{ROTATION_DURATION}_sum{{secret=\"{}\"}} {}", esc(s), h.sum);
+            let _ = writeln!(out, "{ROTATION_DURATION}_count{{secret=\"{}\"}} {}", esc(s), h.count);
+        }
+        head(&mut out, LAST_SUCCESS, "gauge", "Time of the last succeeded rotation or import of the current credential.");
+        for (s, (last, _, _)) in &g.secrets {
+            if let Some(t) = last {
+                let _ = writeln!(out, "{LAST_SUCCESS}{{secret=\"{}\"}} {t}", esc(s));
+            }
+        }
+        head(&mut out, SECRET_AGE, "gauge", "Age of the current credential.");
+        for (s, (_, age, _)) in &g.secrets {
+            if let Some(a) = age {
+                let _ = writeln!(out, "{SECRET_AGE}{{secret=\"{}\"}} {a}", esc(s));
+            }
+        }
+        head(&mut out, NEXT_ROTATION, "gauge", "When the scheduler next starts a rotation (jitter included).");
+        for (s, (_, _, next)) in &g.secrets {
+            if let Some(n) = next {
+                let _ = writeln!(out, "{NEXT_ROTATION}{{secret=\"{}\"}} {n}", esc(s));
+            }
+        }
+        head(&mut out, PENDING_RETIREMENTS, "gauge", "Old credentials still valid, waiting for their grace to pass.");
+        let _ = writeln!(out, "{PENDING_RETIREMENTS} {}", g.pending_retirements);
+        head(&mut out, SCHEDULE_ERRORS, "gauge", "Schedule files that are invalid now (their previous valid version keeps running).");
+        let _ = writeln!(out, "{SCHEDULE_ERRORS} {}", g.schedule_errors);
+        head(&mut out, RELOADS_TOTAL, "counter", "Schedule reloads, by outcome.");
+        for (o, v) in &m.reloads {
+            let _ = writeln!(out, "{RELOADS_TOTAL}{{outcome=\"{}\"}} {v}", esc(o));
+        }
+        out
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_histograms_and_gauges() {
+        let m = Metrics::default();
+        m.rotation("a", "succeeded", 0.3);
+        m.rotation("a", "rolled-back", 2.0);
+        let mut g = Gauges::default();
+        g.secrets.insert("a".into(), (Some(100), Some(5), Some(200)));
+        let text = m.render(&g);
+        assert!(text.contains("rotd_rotations_total{secret=\"a\",outcome=\"succeeded\"} 1"));
+        assert!(text.contains("rotd_rotation_duration_seconds_bucket{secret=\"a\",le=\"0.5\"} 1"));
+        assert!(text.contains("rotd_rotation_duration_seconds_count{secret=\"a\"} 2"));
+        assert!(text.contains("rotd_secret_age_seconds{secret=\"a\"} 5"));
+        assert!(text.contains("rotd_schedule_errors 0"));
+    }
+}

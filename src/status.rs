@@ -1,0 +1,159 @@
+//! `rotd status`: per secret, its state, last rotation, age, next run and last error —
+//! derived from the git history (no decryption needed) plus the scheduler's plan.
+//! The same report serves the CLI, the daemon's control socket and `/metrics`.
+
+use std::io::Write;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, Schedule};
+use crate::history;
+use crate::store::{self, Store};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub secrets: Vec<SecretStatus>,
+    /// Commits not yet on the store remote (None: no remote).
+    pub unpushed_commits: Option<usize>,
+    /// Schedule files that are invalid now (the daemon keeps their last valid version).
+    #[serde(default)]
+    pub schedule_errors: Vec<String>,
+    /// Whether a running daemon produced this report.
+    #[serde(default)]
+    pub daemon: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SecretStatus {
+    pub name: String,
+    /// `ok`, `grace` (old credential still valid), `rotating`, `failed`, `never-rotated`.
+    pub state: String,
+    pub scheduled: bool,
+    pub kind: Option<String>,
+    pub last_rotation: Option<LastRotation>,
+    /// When the current credential was made (last succeeded rotation or import).
+    pub last_success: Option<String>,
+    pub age_seconds: Option<i64>,
+    pub next_run: Option<String>,
+    pub last_error: Option<String>,
+    pub retire_after: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LastRotation {
+    pub time: String,
+    pub outcome: String,
+    pub rotation: Option<String>,
+    pub commit: String,
+}
+
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// Builds the report; `next_run` gives a schedule's next start.
+pub fn report(
+    cfg: &Config,
+    store: &Store,
+    next_run: impl Fn(&Schedule) -> Option<DateTime<Utc>>,
+) -> Result<Report, store::Error> {
+    let entries = history::read(store, None)?;
+    let (current, pending) = store.names()?;
+    let mut names: Vec<String> = cfg.schedules.iter().map(|s| s.name.clone()).collect();
+    for n in current.iter().chain(&pending) {
+        if !names.contains(n) {
+            names.push(n.clone());
+        }
+    }
+    let now = Utc::now();
+    let mut rows = Vec::new();
+    for n in names {
+        let mine: Vec<&history::Entry> = entries.iter().filter(|e| e.secret.as_deref() == Some(&n)).collect();
+        let last = mine
+            .iter()
+            .find(|e| matches!(e.step.as_deref(), Some("succeeded" | "rolled-back" | "failed")));
+        let made = mine.iter().find(|e| matches!(e.step.as_deref(), Some("succeeded" | "imported")));
+        let last_error = mine.iter().find(|e| e.error.is_some()).and_then(|e| e.error.clone());
+        let retire_pending = mine
+            .iter()
+            .take_while(|e| e.step.as_deref() != Some("retired"))
+            .find(|e| e.step.as_deref() == Some("succeeded"))
+            .and_then(|e| e.retire_after.clone());
+        let sched = cfg.schedule(&n);
+        let state = if pending.contains(&n) {
+            if last.and_then(|e| e.step.as_deref()) == Some("failed") {
+                "failed"
+            } else {
+                "rotating"
+            }
+        } else if !current.contains(&n) {
+            "never-rotated"
+        } else if retire_pending.is_some() {
+            "grace"
+        } else {
+            "ok"
+        };
+        rows.push(SecretStatus {
+            name: n.clone(),
+            state: state.into(),
+            scheduled: sched.is_some(),
+            kind: sched.map(|s| s.target.kind().to_owned()),
+            last_rotation: last.map(|e| LastRotation {
+                time: e.time.clone(),
+                outcome: e.step.clone().unwrap_or_default(),
+                rotation: e.rotation.clone(),
+                commit: e.commit.clone(),
+            }),
+            last_success: made.map(|e| e.time.clone()),
+            age_seconds: made.map(|e| now.timestamp() - e.timestamp),
+            next_run: sched.and_then(&next_run).map(rfc3339),
+            last_error,
+            retire_after: retire_pending,
+        });
+    }
+    Ok(Report {
+        secrets: rows,
+        unpushed_commits: store.unpushed()?,
+        schedule_errors: Vec::new(),
+        daemon: false,
+    })
+}
+
+/// Prints the report as a table or as one JSON document.
+pub fn print(r: &Report, json: bool, out: &mut impl Write) -> std::io::Result<()> {
+    if json {
+        serde_json::to_writer_pretty(&mut *out, r)?;
+        return writeln!(out);
+    }
+    writeln!(out, "{:<24} {:<14} {:<22} {:>10}  {:<22} LAST ERROR", "SECRET", "STATE", "LAST ROTATION", "AGE", "NEXT RUN")?;
+    for s in &r.secrets {
+        let age = s
+            .age_seconds
+            .map(|a| {
+                let d = humantime::format_duration(std::time::Duration::from_secs(a.max(0) as u64)).to_string();
+                d.split(' ').take(2).collect::<Vec<_>>().join(" ")
+            })
+            .unwrap_or_else(|| "-".into());
+        writeln!(
+            out,
+            "{:<24} {:<14} {:<22} {:>10}  {:<22} {}",
+            s.name,
+            s.state,
+            s.last_rotation
+                .as_ref()
+                .map(|l| format!("{} {}", &l.time[..l.time.len().min(16)], l.outcome))
+                .unwrap_or_else(|| "-".into()),
+            age,
+            s.next_run.as_deref().unwrap_or("-"),
+            s.last_error.as_deref().unwrap_or("")
+        )?;
+    }
+    if let Some(n) = r.unpushed_commits.filter(|n| *n > 0) {
+        writeln!(out, "{n} commit(s) not pushed to the store remote yet")?;
+    }
+    for e in &r.schedule_errors {
+        writeln!(out, "schedule error: {e}")?;
+    }
+    Ok(())
+}
