@@ -6,10 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-
 use crate::cli::{Cli, Command};
-use crate::daemon::control::{self, Request};
 use crate::config::{self, Config};
+use crate::daemon::control::{self, Request};
 use crate::history;
 use crate::rotation::{self, Engine, Trigger};
 use crate::secret::Secret;
@@ -28,7 +27,7 @@ pub mod exit {
 /// A command failed before or outside a rotation.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{0}")]
+    #[error(transparent)]
     Config(#[from] config::Error),
     #[error(transparent)]
     Store(#[from] store::Error),
@@ -78,7 +77,9 @@ async fn run_daemon(path: PathBuf) -> Result<i32, Error> {
         tracing::info!("signal received: finishing rotations in flight (signal again to exit now)");
         let _ = first_tx.send(());
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-        tracing::warn!("second signal: exiting now; unfinished rotations are recovered at the next start");
+        tracing::warn!(
+            "second signal: exiting now; unfinished rotations are recovered at the next start"
+        );
         std::process::exit(exit::ROLLED_BACK);
     });
     crate::daemon::run(path, async {
@@ -115,7 +116,11 @@ pub async fn run(cli: Cli) -> Result<i32, Error> {
         }
         Command::Reload => {
             let base = config::load_store_only(&path)?;
-            match control::request(&base.daemon.socket, &Request::Reload, Duration::from_secs(60))? {
+            match control::request(
+                &base.daemon.socket,
+                &Request::Reload,
+                Duration::from_secs(60),
+            )? {
                 Some(r) if r.ok => {
                     writeln!(out, "{}", r.message.unwrap_or_default())?;
                     Ok(exit::OK)
@@ -180,7 +185,11 @@ pub async fn run(cli: Cli) -> Result<i32, Error> {
         }
         Command::Status { json } => {
             let base = config::load_store_only(&path)?;
-            if let Some(r) = control::request(&base.daemon.socket, &Request::Status, Duration::from_secs(60))? {
+            if let Some(r) = control::request(
+                &base.daemon.socket,
+                &Request::Status,
+                Duration::from_secs(60),
+            )? {
                 let report = r
                     .status
                     .filter(|_| r.ok)

@@ -586,13 +586,16 @@ pub fn load_schedule(file: &Path, problems: &mut Vec<Problem>) -> Option<Schedul
         .max_age
         .as_ref()
         .map(|_| dur(&raw.max_age, "max_age", Duration::ZERO));
-    let window = raw.window.as_ref().and_then(|w| match Window::parse(w.get_ref()) {
-        Ok(win) => Some(win),
-        Err(m) => {
-            rep.at(w, m);
-            None
-        }
-    });
+    let window = raw
+        .window
+        .as_ref()
+        .and_then(|w| match Window::parse(w.get_ref()) {
+            Ok(win) => Some(win),
+            Err(m) => {
+                rep.at(w, m);
+                None
+            }
+        });
     let length = match &raw.generate.length {
         None => 32,
         Some(l) if (16..=4096).contains(l.get_ref()) => *l.get_ref() as usize,
@@ -690,7 +693,10 @@ impl Window {
         let bad = || format!("window = {s:?} is not \"HH:MM-HH:MM\" (UTC), e.g. \"02:00-05:00\"");
         let (a, b) = s.split_once('-').ok_or_else(bad)?;
         let t = |x: &str| chrono::NaiveTime::parse_from_str(x.trim(), "%H:%M").map_err(|_| bad());
-        let w = Window { start: t(a)?, end: t(b)? };
+        let w = Window {
+            start: t(a)?,
+            end: t(b)?,
+        };
         if w.start == w.end {
             return Err(bad());
         }

@@ -266,7 +266,10 @@ pub async fn run_reloads(specs: &[Spec]) -> Result<(), Error> {
     Ok(())
 }
 
-const RELOAD_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bound of one reload. A Prometheus reload that changes `remote_write` waits for the
+/// old queue to flush, up to its `--storage.remote.flush-deadline` (1 min by default),
+/// so this must be longer than that.
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(150);
 
 async fn reload(r: &Reload) -> Result<(), Error> {
     let fail = |reason: String| Error::Reload {
@@ -284,7 +287,7 @@ async fn reload(r: &Reload) -> Result<(), Error> {
                 .post(url)
                 .send()
                 .await
-                .map_err(|e| fail(e.to_string()))?;
+                .map_err(|e| fail(crate::targets::http_error(&e)))?;
             let status = resp.status();
             if !status.is_success() {
                 let body = resp.text().await.unwrap_or_default();

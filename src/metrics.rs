@@ -18,7 +18,9 @@ pub const SCHEDULE_ERRORS: &str = "rotd_schedule_errors";
 pub const RELOADS_TOTAL: &str = "rotd_schedule_reloads_total";
 
 /// Histogram buckets of a rotation's duration (seconds).
-const BUCKETS: &[f64] = &[0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
+const BUCKETS: &[f64] = &[
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
 
 #[derive(Default)]
 struct Histogram {
@@ -40,11 +42,18 @@ pub struct Metrics {
     inner: Mutex<Inner>,
 }
 
+/// One secret's gauges (unix times and seconds).
+#[derive(Default, Clone, Copy)]
+pub struct SecretGauges {
+    pub last_success: Option<i64>,
+    pub age: Option<i64>,
+    pub next_rotation: Option<i64>,
+}
+
 /// Gauge values read at scrape time.
 #[derive(Default)]
 pub struct Gauges {
-    /// secret → (last success unix time, age seconds, next rotation unix time)
-    pub secrets: BTreeMap<String, (Option<i64>, Option<i64>, Option<i64>)>,
+    pub secrets: BTreeMap<String, SecretGauges>,
     pub pending_retirements: usize,
     pub schedule_errors: usize,
 }
@@ -52,11 +61,16 @@ pub struct Gauges {
 impl Metrics {
     pub fn rotation(&self, secret: &str, outcome: &str, seconds: f64) {
         let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        *m.rotations.entry((secret.to_owned(), outcome.to_owned())).or_default() += 1;
-        let h = m.durations.entry(secret.to_owned()).or_insert_with(|| Histogram {
-            counts: vec![0; BUCKETS.len()],
-            ..Default::default()
-        });
+        *m.rotations
+            .entry((secret.to_owned(), outcome.to_owned()))
+            .or_default() += 1;
+        let h = m
+            .durations
+            .entry(secret.to_owned())
+            .or_insert_with(|| Histogram {
+                counts: vec![0; BUCKETS.len()],
+                ..Default::default()
+            });
         for (i, b) in BUCKETS.iter().enumerate() {
             if seconds <= *b {
                 h.counts[i] += 1;
@@ -78,42 +92,107 @@ impl Metrics {
         let head = |out: &mut String, name: &str, kind: &str, help: &str| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         };
-        head(&mut out, ROTATIONS_TOTAL, "counter", "Rotations finished, by secret and outcome.");
+        head(
+            &mut out,
+            ROTATIONS_TOTAL,
+            "counter",
+            "Rotations finished, by secret and outcome.",
+        );
         for ((s, o), v) in &m.rotations {
-            let _ = writeln!(out, "{ROTATIONS_TOTAL}{{secret=\"{}\",outcome=\"{}\"}} {v}", esc(s), esc(o));
+            let _ = writeln!(
+                out,
+                "{ROTATIONS_TOTAL}{{secret=\"{}\",outcome=\"{}\"}} {v}",
+                esc(s),
+                esc(o)
+            );
         }
-        head(&mut out, ROTATION_DURATION, "histogram", "Duration of a rotation, from plan to the succeeded or rolled-back commit.");
+        head(
+            &mut out,
+            ROTATION_DURATION,
+            "histogram",
+            "Duration of a rotation, from plan to the succeeded or rolled-back commit.",
+        );
         for (s, h) in &m.durations {
             for (i, b) in BUCKETS.iter().enumerate() {
-                let _ = writeln!(out, "{ROTATION_DURATION}_bucket{{secret=\"{}\",le=\"{b}\"}} {}", esc(s), h.counts[i]);
+                let _ = writeln!(
+                    out,
+                    "{ROTATION_DURATION}_bucket{{secret=\"{}\",le=\"{b}\"}} {}",
+                    esc(s),
+                    h.counts[i]
+                );
             }
-            let _ = writeln!(out, "{ROTATION_DURATION}_bucket{{secret=\"{}\",le=\"+Inf\"}} {}", esc(s), h.count);
-            let _ = writeln!(out, "{ROTATION_DURATION}_sum{{secret=\"{}\"}} {}", esc(s), h.sum);
-            let _ = writeln!(out, "{ROTATION_DURATION}_count{{secret=\"{}\"}} {}", esc(s), h.count);
+            let _ = writeln!(
+                out,
+                "{ROTATION_DURATION}_bucket{{secret=\"{}\",le=\"+Inf\"}} {}",
+                esc(s),
+                h.count
+            );
+            let _ = writeln!(
+                out,
+                "{ROTATION_DURATION}_sum{{secret=\"{}\"}} {}",
+                esc(s),
+                h.sum
+            );
+            let _ = writeln!(
+                out,
+                "{ROTATION_DURATION}_count{{secret=\"{}\"}} {}",
+                esc(s),
+                h.count
+            );
         }
-        head(&mut out, LAST_SUCCESS, "gauge", "Time of the last succeeded rotation or import of the current credential.");
-        for (s, (last, _, _)) in &g.secrets {
-            if let Some(t) = last {
+        head(
+            &mut out,
+            LAST_SUCCESS,
+            "gauge",
+            "Time of the last succeeded rotation or import of the current credential.",
+        );
+        for (s, sg) in &g.secrets {
+            if let Some(t) = sg.last_success {
                 let _ = writeln!(out, "{LAST_SUCCESS}{{secret=\"{}\"}} {t}", esc(s));
             }
         }
-        head(&mut out, SECRET_AGE, "gauge", "Age of the current credential.");
-        for (s, (_, age, _)) in &g.secrets {
-            if let Some(a) = age {
+        head(
+            &mut out,
+            SECRET_AGE,
+            "gauge",
+            "Age of the current credential.",
+        );
+        for (s, sg) in &g.secrets {
+            if let Some(a) = sg.age {
                 let _ = writeln!(out, "{SECRET_AGE}{{secret=\"{}\"}} {a}", esc(s));
             }
         }
-        head(&mut out, NEXT_ROTATION, "gauge", "When the scheduler next starts a rotation (jitter included).");
-        for (s, (_, _, next)) in &g.secrets {
-            if let Some(n) = next {
+        head(
+            &mut out,
+            NEXT_ROTATION,
+            "gauge",
+            "When the scheduler next starts a rotation (jitter included).",
+        );
+        for (s, sg) in &g.secrets {
+            if let Some(n) = sg.next_rotation {
                 let _ = writeln!(out, "{NEXT_ROTATION}{{secret=\"{}\"}} {n}", esc(s));
             }
         }
-        head(&mut out, PENDING_RETIREMENTS, "gauge", "Old credentials still valid, waiting for their grace to pass.");
+        head(
+            &mut out,
+            PENDING_RETIREMENTS,
+            "gauge",
+            "Old credentials still valid, waiting for their grace to pass.",
+        );
         let _ = writeln!(out, "{PENDING_RETIREMENTS} {}", g.pending_retirements);
-        head(&mut out, SCHEDULE_ERRORS, "gauge", "Schedule files that are invalid now (their previous valid version keeps running).");
+        head(
+            &mut out,
+            SCHEDULE_ERRORS,
+            "gauge",
+            "Schedule files that are invalid now (their previous valid version keeps running).",
+        );
         let _ = writeln!(out, "{SCHEDULE_ERRORS} {}", g.schedule_errors);
-        head(&mut out, RELOADS_TOTAL, "counter", "Schedule reloads, by outcome.");
+        head(
+            &mut out,
+            RELOADS_TOTAL,
+            "counter",
+            "Schedule reloads, by outcome.",
+        );
         for (o, v) in &m.reloads {
             let _ = writeln!(out, "{RELOADS_TOTAL}{{outcome=\"{}\"}} {v}", esc(o));
         }
@@ -122,7 +201,9 @@ impl Metrics {
 }
 
 fn esc(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -135,7 +216,12 @@ mod tests {
         m.rotation("a", "succeeded", 0.3);
         m.rotation("a", "rolled-back", 2.0);
         let mut g = Gauges::default();
-        g.secrets.insert("a".into(), (Some(100), Some(5), Some(200)));
+        let sg = SecretGauges {
+            last_success: Some(100),
+            age: Some(5),
+            next_rotation: Some(200),
+        };
+        g.secrets.insert("a".into(), sg);
         let text = m.render(&g);
         assert!(text.contains("rotd_rotations_total{secret=\"a\",outcome=\"succeeded\"} 1"));
         assert!(text.contains("rotd_rotation_duration_seconds_bucket{secret=\"a\",le=\"0.5\"} 1"));

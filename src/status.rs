@@ -69,12 +69,23 @@ pub fn report(
     let now = Utc::now();
     let mut rows = Vec::new();
     for n in names {
-        let mine: Vec<&history::Entry> = entries.iter().filter(|e| e.secret.as_deref() == Some(&n)).collect();
-        let last = mine
+        let mine: Vec<&history::Entry> = entries
             .iter()
-            .find(|e| matches!(e.step.as_deref(), Some("succeeded" | "rolled-back" | "failed")));
-        let made = mine.iter().find(|e| matches!(e.step.as_deref(), Some("succeeded" | "imported")));
-        let last_error = mine.iter().find(|e| e.error.is_some()).and_then(|e| e.error.clone());
+            .filter(|e| e.secret.as_deref() == Some(&n))
+            .collect();
+        let last = mine.iter().find(|e| {
+            matches!(
+                e.step.as_deref(),
+                Some("succeeded" | "rolled-back" | "failed")
+            )
+        });
+        let made = mine
+            .iter()
+            .find(|e| matches!(e.step.as_deref(), Some("succeeded" | "imported")));
+        let last_error = mine
+            .iter()
+            .find(|e| e.error.is_some())
+            .and_then(|e| e.error.clone());
         let retire_pending = mine
             .iter()
             .take_while(|e| e.step.as_deref() != Some("retired"))
@@ -126,12 +137,17 @@ pub fn print(r: &Report, json: bool, out: &mut impl Write) -> std::io::Result<()
         serde_json::to_writer_pretty(&mut *out, r)?;
         return writeln!(out);
     }
-    writeln!(out, "{:<24} {:<14} {:<22} {:>10}  {:<22} LAST ERROR", "SECRET", "STATE", "LAST ROTATION", "AGE", "NEXT RUN")?;
+    writeln!(
+        out,
+        "{:<24} {:<14} {:<22} {:>10}  {:<22} LAST ERROR",
+        "SECRET", "STATE", "LAST ROTATION", "AGE", "NEXT RUN"
+    )?;
     for s in &r.secrets {
         let age = s
             .age_seconds
             .map(|a| {
-                let d = humantime::format_duration(std::time::Duration::from_secs(a.max(0) as u64)).to_string();
+                let d = humantime::format_duration(std::time::Duration::from_secs(a.max(0) as u64))
+                    .to_string();
                 d.split(' ').take(2).collect::<Vec<_>>().join(" ")
             })
             .unwrap_or_else(|| "-".into());

@@ -90,7 +90,11 @@ pub enum ClientError {
 
 /// Sends one request. `Ok(None)` when no daemon listens there (no socket, or a stale
 /// one), so the caller runs in-process.
-pub fn request(socket: &Path, req: &Request, timeout: Duration) -> Result<Option<Response>, ClientError> {
+pub fn request(
+    socket: &Path,
+    req: &Request,
+    timeout: Duration,
+) -> Result<Option<Response>, ClientError> {
     let io = |source| ClientError::Io {
         path: socket.display().to_string(),
         source,
@@ -109,8 +113,11 @@ pub fn request(socket: &Path, req: &Request, timeout: Duration) -> Result<Option
     };
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
     let mut w = stream.try_clone().map_err(io)?;
-    let line = serde_json::to_string(req).map_err(|e| ClientError::Protocol(socket.display().to_string(), e.to_string()))?;
-    w.write_all(line.as_bytes()).and_then(|_| w.write_all(b"\n")).map_err(io)?;
+    let line = serde_json::to_string(req)
+        .map_err(|e| ClientError::Protocol(socket.display().to_string(), e.to_string()))?;
+    w.write_all(line.as_bytes())
+        .and_then(|_| w.write_all(b"\n"))
+        .map_err(io)?;
     let mut answer = String::new();
     BufReader::new(stream).read_line(&mut answer).map_err(io)?;
     serde_json::from_str(&answer)

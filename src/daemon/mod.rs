@@ -39,7 +39,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::config::{self, Config, Problem, Schedule};
-use crate::metrics::{Gauges, Metrics};
+use crate::metrics::{Gauges, Metrics, SecretGauges};
 use crate::rotation::{Engine, Outcome, Trigger};
 use crate::store::record::key;
 use crate::store::{Slot, Store};
@@ -48,7 +48,7 @@ use control::{Request, Response, RotateResult};
 /// The daemon could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{0}")]
+    #[error(transparent)]
     Config(#[from] config::Error),
     #[error(transparent)]
     Store(#[from] crate::store::Error),
@@ -96,7 +96,10 @@ struct Shared {
 
 impl Shared {
     fn config(&self) -> Arc<Config> {
-        self.config.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn engine(&self) -> Engine {
@@ -122,27 +125,40 @@ impl Shared {
         let tx = match start {
             Ok(tx) => tx,
             Err(mut rx) => {
-                tracing::info!(secret = name, "a rotation of this secret is running; joining it");
+                tracing::info!(
+                    secret = name,
+                    "a rotation of this secret is running; joining it"
+                );
                 let joined = rx.wait_for(|v| v.is_some()).await;
                 return match joined {
-                    Ok(v) => v.clone().unwrap_or_else(|| Err("joined rotation vanished".into())),
+                    Ok(v) => v
+                        .clone()
+                        .unwrap_or_else(|| Err("joined rotation vanished".into())),
                     Err(_) => Err("the rotation it joined ended without a result".into()),
                 };
             }
         };
         self.active.fetch_add(1, Ordering::SeqCst);
         let started = Instant::now();
-        let result = self.engine().rotate(name, trigger).await.map_err(|e| e.to_string());
+        let result = self
+            .engine()
+            .rotate(name, trigger)
+            .await
+            .map_err(|e| e.to_string());
         let label = match &result {
             Ok(o) => o.label(),
             Err(_) => "error",
         };
-        self.metrics.rotation(name, label, started.elapsed().as_secs_f64());
+        self.metrics
+            .rotation(name, label, started.elapsed().as_secs_f64());
         if matches!(result, Ok(Outcome::Succeeded { retired: false, .. })) {
             self.schedule_retire_from_store(name);
         }
         let _ = tx.send(Some(result.clone()));
-        self.inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
+        self.inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
         if self.active.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.idle.notify_waiters();
         }
@@ -156,11 +172,15 @@ impl Shared {
         let tx = self.tx.clone();
         tokio::spawn(async move {
             let after = tokio::task::spawn_blocking(move || {
-                store.read(&name, Slot::Current).ok().flatten().and_then(|r| {
-                    r.get(key::RETIRE_AFTER)
-                        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
-                        .map(|t| t.with_timezone(&Utc))
-                })
+                store
+                    .read(&name, Slot::Current)
+                    .ok()
+                    .flatten()
+                    .and_then(|r| {
+                        r.get(key::RETIRE_AFTER)
+                            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+                            .map(|t| t.with_timezone(&Utc))
+                    })
             })
             .await
             .ok()
@@ -175,7 +195,11 @@ impl Shared {
 
     fn status(&self) -> Result<crate::status::Report, crate::store::Error> {
         let cfg = self.config();
-        let next = self.next_runs.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let next = self
+            .next_runs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let mut r = crate::status::report(&cfg, &self.store, |s| next.get(&s.name).copied())?;
         r.schedule_errors = self
             .schedule_errors
@@ -199,7 +223,14 @@ impl Shared {
                         .and_then(|x| DateTime::parse_from_rfc3339(x).ok())
                         .map(|t| t.timestamp())
                 };
-                g.secrets.insert(s.name.clone(), (unix(&s.last_success), s.age_seconds, unix(&s.next_run)));
+                g.secrets.insert(
+                    s.name.clone(),
+                    SecretGauges {
+                        last_success: unix(&s.last_success),
+                        age: s.age_seconds,
+                        next_rotation: unix(&s.next_run),
+                    },
+                );
                 if s.retire_after.is_some() {
                     g.pending_retirements += 1;
                 }
@@ -283,11 +314,15 @@ pub async fn run(config_path: PathBuf, shutdown: impl Future<Output = ()>) -> Re
 
     let control = bind_control(&cfg)?;
     let metrics_listener = match cfg.daemon.metrics {
-        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|source| Error::Listen {
-            what: "metrics",
-            addr: addr.to_string(),
-            source,
-        })?),
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| Error::Listen {
+                    what: "metrics",
+                    addr: addr.to_string(),
+                    source,
+                })?,
+        ),
         None => None,
     };
     let _watcher = watch_schedules(&cfg.daemon.schedules, tx.clone())?;
@@ -301,7 +336,9 @@ pub async fn run(config_path: PathBuf, shutdown: impl Future<Output = ()>) -> Re
     background.push(tokio::spawn(serve_control(control, shared.clone())));
     if let Some(l) = metrics_listener {
         let sh = shared.clone();
-        background.push(tokio::spawn(http::serve(l, move || sh.clone().render_metrics())));
+        background.push(tokio::spawn(http::serve(l, move || {
+            sh.clone().render_metrics()
+        })));
     }
     if let Some(every) = systemd::watchdog_interval() {
         background.push(tokio::spawn(async move {
@@ -395,9 +432,14 @@ fn plan(shared: &Arc<Shared>) -> HashMap<String, JoinHandle<()>> {
     let mut next = shared.next_runs.lock().unwrap_or_else(|p| p.into_inner());
     next.clear();
     for s in cfg.schedules.iter().filter(|s| s.cron.is_some()) {
-        let Some(first) = scheduler::next_run(s, Utc::now()) else { continue };
+        let Some(first) = scheduler::next_run(s, Utc::now()) else {
+            continue;
+        };
         next.insert(s.name.clone(), first);
-        tasks.insert(s.name.clone(), tokio::spawn(schedule_task(shared.clone(), s.clone(), first)));
+        tasks.insert(
+            s.name.clone(),
+            tokio::spawn(schedule_task(shared.clone(), s.clone(), first)),
+        );
     }
     tasks
 }
@@ -410,16 +452,33 @@ async fn schedule_task(shared: Arc<Shared>, sched: Schedule, mut at: DateTime<Ut
             tracing::info!(secret = %sched.name, "scheduled rotation skipped: outside its window");
         } else {
             let name = sched.name.clone();
-            scheduler::retry(sched.retries, sched.retry_backoff, sched.window, Utc::now, || {
-                let sh = shared.clone();
-                let n = name.clone();
-                async move { matches!(sh.rotate(&n, Trigger::Schedule).await, Ok(Outcome::Succeeded { .. })) }
-            })
+            scheduler::retry(
+                sched.retries,
+                sched.retry_backoff,
+                sched.window,
+                Utc::now,
+                || {
+                    let sh = shared.clone();
+                    let n = name.clone();
+                    async move {
+                        matches!(
+                            sh.rotate(&n, Trigger::Schedule).await,
+                            Ok(Outcome::Succeeded { .. })
+                        )
+                    }
+                },
+            )
             .await;
         }
-        let Some(next) = scheduler::next_run(&sched, Utc::now()) else { return };
+        let Some(next) = scheduler::next_run(&sched, Utc::now()) else {
+            return;
+        };
         at = next;
-        shared.next_runs.lock().unwrap_or_else(|p| p.into_inner()).insert(sched.name.clone(), at);
+        shared
+            .next_runs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(sched.name.clone(), at);
     }
 }
 
@@ -428,10 +487,16 @@ fn startup_rotations(shared: &Arc<Shared>) {
     let sh = shared.clone();
     tokio::spawn(async move {
         let me = sh.clone();
-        let Ok(Ok(report)) = tokio::task::spawn_blocking(move || me.status()).await else { return };
+        let Ok(Ok(report)) = tokio::task::spawn_blocking(move || me.status()).await else {
+            return;
+        };
         let cfg = sh.config();
         for s in cfg.schedules.iter().filter(|s| s.max_age.is_some()) {
-            let age = report.secrets.iter().find(|r| r.name == s.name).and_then(|r| r.age_seconds);
+            let age = report
+                .secrets
+                .iter()
+                .find(|r| r.name == s.name)
+                .and_then(|r| r.age_seconds);
             if scheduler::too_old(s.max_age, age) {
                 tracing::info!(secret = %s.name, ?age, "credential older than max_age; rotating now");
                 let _ = sh.rotate(&s.name, Trigger::Schedule).await;
@@ -449,8 +514,13 @@ fn reload(shared: &Arc<Shared>, tasks: &mut HashMap<String, JoinHandle<()>>) -> 
         schedules,
         ..(*old).clone()
     });
-    *shared.schedule_errors.lock().unwrap_or_else(|p| p.into_inner()) = problems;
-    shared.metrics.reload(if errors == 0 { "ok" } else { "errors" });
+    *shared
+        .schedule_errors
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = problems;
+    shared
+        .metrics
+        .reload(if errors == 0 { "ok" } else { "errors" });
     for t in tasks.values() {
         t.abort();
     }
@@ -482,7 +552,9 @@ async fn retire(shared: Arc<Shared>) {
 }
 
 async fn sighup(tx: mpsc::Sender<Command>) {
-    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        return;
+    };
     while hup.recv().await.is_some() {
         tracing::info!("SIGHUP: reloading schedules");
         let _ = tx.send(Command::Reload { reply: None }).await;
@@ -491,7 +563,10 @@ async fn sighup(tx: mpsc::Sender<Command>) {
 
 /// Watches the schedules directory; bursts of events (editors write, rename, chmod)
 /// are debounced into one reload.
-fn watch_schedules(dir: &Path, tx: mpsc::Sender<Command>) -> Result<notify::RecommendedWatcher, Error> {
+fn watch_schedules(
+    dir: &Path,
+    tx: mpsc::Sender<Command>,
+) -> Result<notify::RecommendedWatcher, Error> {
     use notify::Watcher;
     let (etx, mut erx) = mpsc::unbounded_channel::<()>();
     let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
@@ -501,13 +576,21 @@ fn watch_schedules(dir: &Path, tx: mpsc::Sender<Command>) -> Result<notify::Reco
             }
         }
     })
-    .map_err(|e| Error::Watch { path: dir.to_owned(), reason: e.to_string() })?;
+    .map_err(|e| Error::Watch {
+        path: dir.to_owned(),
+        reason: e.to_string(),
+    })?;
     w.watch(dir, notify::RecursiveMode::NonRecursive)
-        .map_err(|e| Error::Watch { path: dir.to_owned(), reason: e.to_string() })?;
+        .map_err(|e| Error::Watch {
+            path: dir.to_owned(),
+            reason: e.to_string(),
+        })?;
     tokio::spawn(async move {
         while erx.recv().await.is_some() {
             // Quiet for 300 ms: the edit is complete.
-            while let Ok(Some(())) = tokio::time::timeout(Duration::from_millis(300), erx.recv()).await {}
+            while let Ok(Some(())) =
+                tokio::time::timeout(Duration::from_millis(300), erx.recv()).await
+            {}
             if tx.send(Command::Reload { reply: None }).await.is_err() {
                 return;
             }
@@ -519,10 +602,17 @@ fn watch_schedules(dir: &Path, tx: mpsc::Sender<Command>) -> Result<notify::Reco
 fn bind_control(cfg: &Config) -> Result<tokio::net::UnixListener, Error> {
     use std::os::unix::fs::PermissionsExt;
     let path = &cfg.daemon.socket;
-    let err = |source| Error::Listen { what: "control socket", addr: path.display().to_string(), source };
+    let err = |source| Error::Listen {
+        what: "control socket",
+        addr: path.display().to_string(),
+        source,
+    };
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(err(std::io::Error::new(std::io::ErrorKind::AddrInUse, "another rotd daemon is listening there")));
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another rotd daemon is listening there",
+            )));
         }
         std::fs::remove_file(path).map_err(err)?;
     }
@@ -533,8 +623,12 @@ fn bind_control(cfg: &Config) -> Result<tokio::net::UnixListener, Error> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
     if let Some(g) = &cfg.daemon.socket_group {
         match nix::unistd::Group::from_name(g) {
-            Ok(Some(group)) => nix::unistd::chown(path, None, Some(group.gid)).map_err(|e| err(e.into()))?,
-            _ => tracing::warn!(group = %g, "daemon.socket_group does not exist; the socket keeps the daemon's group"),
+            Ok(Some(group)) => {
+                nix::unistd::chown(path, None, Some(group.gid)).map_err(|e| err(e.into()))?
+            }
+            _ => {
+                tracing::warn!(group = %g, "daemon.socket_group does not exist; the socket keeps the daemon's group")
+            }
         }
     }
     Ok(l)
@@ -542,7 +636,9 @@ fn bind_control(cfg: &Config) -> Result<tokio::net::UnixListener, Error> {
 
 async fn serve_control(listener: tokio::net::UnixListener, shared: Arc<Shared>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let sh = shared.clone();
         tokio::spawn(async move { handle_client(stream, sh).await });
     }
@@ -552,7 +648,10 @@ async fn handle_client(stream: tokio::net::UnixStream, shared: Arc<Shared>) {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let cred = stream.peer_cred().ok();
     let uid = cred.as_ref().map(|c| c.uid()).unwrap_or(u32::MAX);
-    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)).ok().flatten().map(|u| u.name);
+    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|u| u.name);
     let (r, mut w) = stream.into_split();
     let mut lines = BufReader::new(r).lines();
     while let Ok(Some(line)) = lines.next_line().await {
@@ -561,7 +660,9 @@ async fn handle_client(stream: tokio::net::UnixStream, shared: Arc<Shared>) {
         let allowed = uid == 0 || uid == me || cfg.daemon.allowed_uids.contains(&uid);
         tracing::info!(uid, user = ?user, pid = ?cred.as_ref().and_then(|c| c.pid()), allowed, "control request");
         let resp = if !allowed {
-            Response::error(format!("uid {uid} is not allowed on the control socket; add it to [daemon] allowed_uids"))
+            Response::error(format!(
+                "uid {uid} is not allowed on the control socket; add it to [daemon] allowed_uids"
+            ))
         } else {
             match serde_json::from_str::<Request>(&line) {
                 Err(e) => Response::error(format!("bad request: {e}")),
@@ -581,32 +682,55 @@ async fn answer(req: Request, uid: u32, user: Option<String>, shared: &Arc<Share
         Request::Status => {
             let sh = shared.clone();
             match tokio::task::spawn_blocking(move || sh.status()).await {
-                Ok(Ok(r)) => Response { ok: true, status: Some(r), ..Default::default() },
+                Ok(Ok(r)) => Response {
+                    ok: true,
+                    status: Some(r),
+                    ..Default::default()
+                },
                 Ok(Err(e)) => Response::error(e.to_string()),
                 Err(e) => Response::error(e.to_string()),
             }
         }
         Request::Reload => {
             let (tx, rx) = oneshot::channel();
-            if shared.tx.send(Command::Reload { reply: Some(tx) }).await.is_err() {
+            if shared
+                .tx
+                .send(Command::Reload { reply: Some(tx) })
+                .await
+                .is_err()
+            {
                 return Response::error("the daemon is stopping");
             }
             match rx.await {
-                Ok(m) => Response { ok: true, message: Some(m), ..Default::default() },
+                Ok(m) => Response {
+                    ok: true,
+                    message: Some(m),
+                    ..Default::default()
+                },
                 Err(_) => Response::error("the daemon is stopping"),
             }
         }
         Request::Rotate { names, all } => {
             let cfg = shared.config();
-            let names = if all { cfg.schedules.iter().map(|s| s.name.clone()).collect() } else { names };
+            let names = if all {
+                cfg.schedules.iter().map(|s| s.name.clone()).collect()
+            } else {
+                names
+            };
             if let Some(unknown) = names.iter().find(|n| cfg.schedule(n).is_none()) {
                 return Response {
                     exit_code: Some(crate::commands::exit::USAGE),
-                    ..Response::error(format!("no schedule named {unknown:?}; list them with `rotd status`"))
+                    ..Response::error(format!(
+                        "no schedule named {unknown:?}; list them with `rotd status`"
+                    ))
                 };
             }
             let (tx, rx) = oneshot::channel();
-            let cmd = Command::Rotate { names, trigger: Trigger::Manual { uid, user }, reply: tx };
+            let cmd = Command::Rotate {
+                names,
+                trigger: Trigger::Manual { uid, user },
+                reply: tx,
+            };
             if shared.tx.send(cmd).await.is_err() {
                 return Response::error("the daemon is stopping");
             }
@@ -618,7 +742,12 @@ async fn answer(req: Request, uid: u32, user: Option<String>, shared: &Arc<Share
                             .iter()
                             .map(|(name, r)| {
                                 let (outcome, exit_code, message) = describe(r);
-                                RotateResult { name: name.clone(), outcome, exit_code, message }
+                                RotateResult {
+                                    name: name.clone(),
+                                    outcome,
+                                    exit_code,
+                                    message,
+                                }
                             })
                             .collect(),
                     ),

@@ -40,7 +40,8 @@ pub fn jitter(max: Duration) -> Duration {
 
 /// Backoff before retry `attempt` (0-based): `base × 2^attempt`, at most one hour.
 pub fn backoff(attempt: u32, base: Duration) -> Duration {
-    base.saturating_mul(1u32 << attempt.min(16)).min(Duration::from_secs(3600))
+    base.saturating_mul(1u32 << attempt.min(16))
+        .min(Duration::from_secs(3600))
 }
 
 /// Whether a credential of this age must be rotated at start-up.
@@ -174,7 +175,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn retries_stop_when_the_window_closes() {
         let w = Window::parse("02:00-05:00").unwrap();
-        let n = retry(5, Duration::from_secs(1), Some(w), || t("2026-11-23T06:00:00Z"), || async { false }).await;
+        let n = retry(
+            5,
+            Duration::from_secs(1),
+            Some(w),
+            || t("2026-11-23T06:00:00Z"),
+            || async { false },
+        )
+        .await;
         assert_eq!(n, 1);
     }
 }

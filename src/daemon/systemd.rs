@@ -8,7 +8,9 @@ use std::time::Duration;
 
 /// Sends one notification; errors are logged, never fatal.
 pub fn notify(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
     let sock = match UnixDatagram::unbound() {
         Ok(s) => s,
         Err(e) => {

@@ -239,6 +239,23 @@ impl Prom {
         }
     }
 
+    /// A plain Prometheus server (no auth) with the given config text.
+    pub fn server(dir: &Path, config: &str) -> Prom {
+        let port = free_port();
+        std::fs::create_dir_all(dir).unwrap();
+        let cfg = dir.join("prometheus.yml");
+        std::fs::write(&cfg, config).unwrap();
+        Prom::spawn(
+            dir,
+            &[
+                format!("--config.file={}", cfg.display()),
+                format!("--storage.tsdb.path={}", dir.join("data").display()),
+                format!("--web.listen-address=127.0.0.1:{port}"),
+            ],
+            port,
+        )
+    }
+
     /// A remote-write receiver guarded by `web_config`.
     pub fn receiver(dir: &Path, web_config: &Path) -> Prom {
         let port = free_port();
@@ -267,6 +284,8 @@ impl Prom {
                 "--enable-feature=agent".into(),
                 format!("--config.file={}", config.display()),
                 format!("--storage.agent.path={}", dir.join("wal").display()),
+                // A reload waits for the old remote-write queue to flush: keep it short.
+                "--storage.remote.flush-deadline=10s".into(),
                 format!("--web.listen-address=127.0.0.1:{port}"),
                 "--web.enable-lifecycle".into(),
             ],
