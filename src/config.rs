@@ -98,7 +98,8 @@ pub struct Daemon {
     pub schedules: PathBuf,
     pub socket: PathBuf,
     pub metrics: Option<SocketAddr>,
-    /// Group that owns the control socket (mode 0660); None keeps the daemon's group.
+    /// Group that owns the control socket (mode 0660); default `rotd` when that group
+    /// exists, else the daemon's own group.
     pub socket_group: Option<String>,
     /// Uids allowed on the control socket besides root and the daemon's own uid.
     pub allowed_uids: Vec<u32>,
@@ -465,7 +466,7 @@ fn load_with(path: &Path, with_schedules: bool) -> Result<Config, Error> {
             .map(|p| rep.resolve(&p))
             .unwrap_or_else(|| PathBuf::from("/run/rotd/rotd.sock")),
         metrics,
-        socket_group: raw.daemon.socket_group.clone(),
+        socket_group: raw.daemon.socket_group.clone().or_else(|| Some("rotd".into())),
         allowed_uids: raw.daemon.allowed_uids.clone(),
         shutdown_grace: match &raw.daemon.shutdown_grace {
             None => Duration::from_secs(60),
