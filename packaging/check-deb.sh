@@ -7,7 +7,7 @@ deb=${1:?usage: check-deb.sh PATH.deb}
 fail() { echo "check-deb: $*" >&2; exit 1; }
 
 contents=$(dpkg-deb -c "$deb")
-for f in ./usr/bin/rotd ./lib/systemd/system/rotd.service ./etc/rotd/rotd.toml \
+for f in ./usr/bin/rotd ./usr/lib/systemd/system/rotd.service ./etc/rotd/rotd.toml \
          ./usr/share/man/man1/rotd.1.gz ./usr/share/man/man5/rotd.toml.5.gz \
          ./usr/share/bash-completion/completions/rotd ./usr/share/zsh/vendor-completions/_rotd \
          ./usr/share/fish/vendor_completions.d/rotd.fish ./usr/lib/sysusers.d/rotd.conf \
@@ -28,14 +28,14 @@ getent passwd rotd >/dev/null || fail "no rotd user"
 [ "$(stat -c '%a %U' /etc/rotd/keys/rotd.agekey)" = "600 rotd" ] || fail "identity not 0600 rotd"
 runuser -u rotd -- rotd --config /etc/rotd/rotd.toml check
 if command -v systemd-analyze >/dev/null; then
-  systemd-analyze verify /lib/systemd/system/rotd.service
-  systemd-analyze security --offline=yes /lib/systemd/system/rotd.service | tail -1
+  systemd-analyze verify /usr/lib/systemd/system/rotd.service
+  systemd-analyze security --offline=yes /usr/lib/systemd/system/rotd.service | tail -1
 fi
 
 # Upgrade (reinstall over itself): store, identity and an edited config are kept.
-head_before=$(git -C /var/lib/rotd/store rev-parse HEAD)
+head_before=$(runuser -u rotd -- git -C /var/lib/rotd/store rev-parse HEAD)
 echo "# edited by the operator" >> /etc/rotd/rotd.toml
 DEBIAN_FRONTEND=noninteractive dpkg -i --force-confold "$deb" >/dev/null
 grep -q "edited by the operator" /etc/rotd/rotd.toml || fail "upgrade replaced the edited config"
-[ "$(git -C /var/lib/rotd/store rev-parse HEAD)" = "$head_before" ] || fail "upgrade changed the store"
+[ "$(runuser -u rotd -- git -C /var/lib/rotd/store rev-parse HEAD)" = "$head_before" ] || fail "upgrade changed the store"
 echo "check-deb: ok"
