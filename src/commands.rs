@@ -275,7 +275,7 @@ fn dry_run_plan(cfg: &Config, names: &[String], out: &mut impl Write) -> Result<
                 "  commit {} (pending), create API key {} as {}, commit its id (pending) before anything uses it; the old key stays valid",
                 rel_path(n, Slot::Pending),
                 crate::targets::elasticsearch::key_name(n, "<rotation>"),
-                es.admin_credential
+                es.conn.admin_credential
             )?;
         } else {
             writeln!(

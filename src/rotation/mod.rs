@@ -369,6 +369,7 @@ impl Engine {
                     .roll_back(
                         &sched,
                         &pending,
+                        current.as_ref(),
                         undo.as_ref(),
                         snapshot,
                         &rotation,
@@ -455,6 +456,7 @@ impl Engine {
         &self,
         sched: &Schedule,
         pending: &Record,
+        current: Option<&Record>,
         undo: Option<&targets::Undo>,
         snapshot: Option<deliver::Snapshot>,
         rotation: &str,
@@ -476,7 +478,7 @@ impl Engine {
             name: &sched.name,
             lookup: &lookup,
         };
-        if let Err(e) = sched.target.rollback(pending, undo, &ctx).await {
+        if let Err(e) = sched.target.rollback(pending, current, undo, &ctx).await {
             left.push(format!("target: {e}"));
         }
         self.finish_rollback(sched, pending, rotation, trigger, reason, left)
@@ -580,7 +582,11 @@ impl Engine {
             name: &sched.name,
             lookup: &lookup,
         };
-        if let Err(e) = sched.target.rollback(&pending, None, &ctx).await {
+        if let Err(e) = sched
+            .target
+            .rollback(&pending, current.as_ref(), None, &ctx)
+            .await
+        {
             left.push(format!("target: {e}"));
         }
         let outcome = self
