@@ -321,6 +321,10 @@ fn print_outcome(name: &str, o: &Outcome, out: &mut impl Write) -> Result<(), Er
             "{name}: rotated (rotation {rotation}){}",
             if *retired { "; old credential retired" } else { "" }
         )?,
+        Outcome::Updated { rotation, detail } => writeln!(
+            out,
+            "{name}: updated in place, not rotated (rotation {rotation}): {detail}; the secret is unchanged"
+        )?,
         Outcome::RolledBack { rotation, reason } => {
             writeln!(out, "{name}: FAILED and rolled back (rotation {rotation}): {reason}; the old credential is still in use")?
         }

@@ -85,6 +85,11 @@ pub enum Outcome {
         rotation: String,
         retired: bool,
     },
+    /// The live credential was updated in place (new privileges, same secret).
+    Updated {
+        rotation: String,
+        detail: String,
+    },
     /// Failed and fully rolled back: the old credential is valid (exit 1).
     RolledBack {
         rotation: String,
@@ -105,7 +110,7 @@ pub enum Outcome {
 impl Outcome {
     pub fn exit_code(&self) -> i32 {
         match self {
-            Outcome::Succeeded { .. } => 0,
+            Outcome::Succeeded { .. } | Outcome::Updated { .. } => 0,
             Outcome::RolledBack { .. } | Outcome::Aborted { .. } => 1,
             Outcome::Failed { .. } => 2,
         }
@@ -230,6 +235,21 @@ impl Engine {
         let n = name.to_owned();
         let current = blocking(move || store.read(&n, Slot::Current)).await?;
         let rotation = ulid::Ulid::new().to_string();
+
+        // A manual run whose target can apply changed settings to the live
+        // credential (an ES API key's privileges) does that instead of rotating;
+        // a scheduled run always rotates (the new credential gets the settings too).
+        if !matches!(trigger, Trigger::Schedule) {
+            if let Some(cur) = &current {
+                if let Some(o) = self
+                    .update_in_place(&sched, cur, &rotation, &trigger)
+                    .await?
+                {
+                    return Ok(o);
+                }
+            }
+        }
+
         let plan = match sched.target.plan(current.as_ref()) {
             Ok(p) => p,
             Err(e) => {
@@ -438,6 +458,95 @@ impl Engine {
             retired = self.retire_locked(&sched).await.is_ok();
         }
         Ok(Outcome::Succeeded { rotation, retired })
+    }
+
+    /// Updates the live credential in place when the target can (see
+    /// [`targets::Config::update_in_place`]); commits `updated` (the current record
+    /// with its new metadata, same secret), `rolled-back` or `failed`.
+    async fn update_in_place(
+        &self,
+        sched: &Schedule,
+        current: &Record,
+        rotation: &str,
+        trigger: &Trigger,
+    ) -> Result<Option<Outcome>, Error> {
+        let lookup = self.lookup();
+        let ctx = targets::StepContext {
+            name: &sched.name,
+            lookup: &lookup,
+        };
+        let started = std::time::Instant::now();
+        let result = sched.target.update_in_place(current, &ctx).await;
+        let fp = self.store.fingerprint(&current.secret);
+        let (step, change, outcome) = match result {
+            Ok(None) => return Ok(None),
+            Ok(Some(targets::InPlace::Updated { record, detail })) => {
+                tracing::info!(secret = %sched.name, rotation, %detail, "updated in place; the secret is unchanged");
+                let msg = Self::message(sched, "updated", rotation, trigger, Some(&record))
+                    .trailer("Rotd-Fingerprint", &fp)
+                    .trailer(
+                        "Rotd-Probe",
+                        format!("ok {}ms", started.elapsed().as_millis()),
+                    )
+                    .trailer("Rotd-Updated", scrub(&detail, &[&current.secret]));
+                (
+                    msg,
+                    Some(record),
+                    Outcome::Updated {
+                        rotation: rotation.to_owned(),
+                        detail,
+                    },
+                )
+            }
+            Ok(Some(targets::InPlace::Reverted(reason))) => {
+                let reason = scrub(&reason, &[&current.secret]);
+                tracing::warn!(secret = %sched.name, rotation, %reason, "update in place failed and was undone");
+                let msg = Self::message(sched, "rolled-back", rotation, trigger, Some(current))
+                    .trailer("Rotd-Fingerprint", &fp)
+                    .trailer("Rotd-Error", &reason);
+                (
+                    msg,
+                    None,
+                    Outcome::RolledBack {
+                        rotation: rotation.to_owned(),
+                        reason,
+                    },
+                )
+            }
+            Err(e) => {
+                let reason = scrub(&e.to_string(), &[&current.secret]);
+                tracing::error!(secret = %sched.name, rotation, %reason, "update in place failed and was NOT undone");
+                let left = "the live credential holds the updated settings that failed verification; fix the settings and run `rotd rotate` again".to_owned();
+                let msg = Self::message(sched, "failed", rotation, trigger, Some(current))
+                    .trailer("Rotd-Fingerprint", &fp)
+                    .trailer("Rotd-Error", &reason)
+                    .trailer("Rotd-Left", &left);
+                (
+                    msg,
+                    None,
+                    Outcome::Failed {
+                        rotation: rotation.to_owned(),
+                        reason,
+                        left,
+                    },
+                )
+            }
+        };
+        let store = self.store.clone();
+        let n = sched.name.clone();
+        blocking(move || {
+            let changes = match change {
+                Some(rec) => vec![Change::Put {
+                    path: rel_path(&n, Slot::Current),
+                    bytes: store.encrypt_record(&rec)?,
+                }],
+                None => Vec::new(),
+            };
+            store.commit(changes, &step)
+        })
+        .await?;
+        self.push_logged().await;
+        Ok(Some(outcome))
     }
 
     async fn push_logged(&self) {

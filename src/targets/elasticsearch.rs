@@ -541,6 +541,7 @@ impl Config {
             meta: new.meta.clone(),
         };
         rec.set(key::KEY_ID, id);
+        rec.set(key::PERMISSIONS, self.permissions_hash(ctx.name));
         if let Some(ms) = v["expiration"].as_i64() {
             if let Some(t) = chrono::DateTime::from_timestamp_millis(ms) {
                 rec.set(
@@ -566,7 +567,7 @@ impl Config {
         let client = self.conn.client()?;
         let ds = &self.probe_index;
         probe_document(&self.conn, &client, &auth, &admin, ds, ctx, "the new key").await?;
-        self.check_privileges(&client, &auth).await?;
+        self.check_privileges(&client, &auth, &[]).await?;
         Ok(ProbeReport {
             elapsed: started.elapsed(),
             detail: format!("document indexed into {ds}, read back; no excess privilege"),
@@ -574,7 +575,15 @@ impl Config {
     }
 
     /// `_has_privileges` as the new key: the declared ones held, nothing more.
-    async fn check_privileges(&self, client: &reqwest::Client, auth: &Auth) -> Result<(), Error> {
+    ///
+    /// `absent` lists (index, privilege) pairs that must NOT be held either (those a
+    /// key held before an in-place update and the declared ones do not imply).
+    async fn check_privileges(
+        &self,
+        client: &reqwest::Client,
+        auth: &Auth,
+        absent: &[(String, String)],
+    ) -> Result<(), Error> {
         let cluster_excess: Vec<&str> = EXCESS_CLUSTER
             .iter()
             .copied()
@@ -597,6 +606,16 @@ impl Config {
                     }
                 }
                 index.push(json!({"names": [n], "privileges": privs}));
+            }
+        }
+        for (n, p) in absent {
+            let declared = self
+                .indices
+                .iter()
+                .any(|d| d.names.contains(n) && implied(&d.privileges, p, index_implies));
+            if !declared && !expected.iter().any(|(en, ep, _)| en == n && ep == p) {
+                expected.push((n.clone(), p.clone(), false));
+                index.push(json!({"names": [n], "privileges": [p]}));
             }
         }
         let body = json!({"cluster": cluster, "index": index});
@@ -638,6 +657,124 @@ impl Config {
                 problems.join(", ")
             )))
         }
+    }
+
+    /// sha256 (hex) of the canonical JSON of the declared role descriptors.
+    pub fn permissions_hash(&self, name: &str) -> String {
+        let mut text = String::new();
+        canonical_json(&self.role_descriptors(name), &mut text);
+        hex::encode(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()))
+    }
+
+    /// When the declared permissions differ from those recorded for the live key
+    /// (`permissions` metadata) and the cluster is 8.4 or later, updates the live key
+    /// in place (`PUT /_security/api_key/<id>`) and verifies it with
+    /// `_has_privileges`, instead of a rotation. None: rotate as usual (nothing
+    /// recorded, nothing changed, an older cluster, an API key as admin credential,
+    /// or the update could not be made — a rotation applies the permissions too).
+    pub async fn update_in_place(
+        &self,
+        current: &Record,
+        ctx: &StepContext<'_>,
+    ) -> Result<Option<super::InPlace>, Error> {
+        let declared = self.permissions_hash(ctx.name);
+        let (Some(recorded), Some(id)) = (current.get(key::PERMISSIONS), current.key_id()) else {
+            return Ok(None);
+        };
+        if recorded == declared {
+            return Ok(None);
+        }
+        let admin_rec = (ctx.lookup)(&self.conn.admin_credential)?;
+        if admin_rec.as_ref().is_some_and(|r| r.username().is_none()) {
+            tracing::info!("permissions changed; the admin credential is an API key, which Elasticsearch does not let update keys: rotating");
+            return Ok(None);
+        }
+        let admin = self.conn.admin_auth(ctx.lookup)?;
+        let client = self.conn.client()?;
+        let info = match self
+            .conn
+            .call_ok(&client, reqwest::Method::GET, "/", &admin, None)
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the cluster version; rotating to apply the new permissions");
+                return Ok(None);
+            }
+        };
+        let version = info["version"]["number"].as_str().unwrap_or("");
+        if !supports_update(version) {
+            tracing::info!(
+                version,
+                "permissions changed; Elasticsearch before 8.4 cannot update an API key: rotating"
+            );
+            return Ok(None);
+        }
+        let before = match self
+            .conn
+            .call_ok(
+                &client,
+                reqwest::Method::GET,
+                &format!("/_security/api_key?id={}", enc(id)),
+                &admin,
+                None,
+            )
+            .await
+        {
+            Ok(v) => v["api_keys"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|k| k["id"].as_str() == Some(id))
+                .map(|k| k["role_descriptors"].clone())
+                .unwrap_or(Value::Null),
+            Err(e) => {
+                tracing::warn!(error = %e, key_id = id, "cannot read the live key; rotating to apply the new permissions");
+                return Ok(None);
+            }
+        };
+        if !before.is_object() {
+            tracing::warn!(
+                key_id = id,
+                "the live key is not found or has no role descriptors; rotating"
+            );
+            return Ok(None);
+        }
+        let path = format!("/_security/api_key/{}", enc(id));
+        let body = json!({ "role_descriptors": self.role_descriptors(ctx.name) });
+        if let Err(e) = self
+            .conn
+            .call_ok(&client, reqwest::Method::PUT, &path, &admin, Some(&body))
+            .await
+        {
+            tracing::warn!(error = %e, key_id = id, "cannot update the live key; rotating to apply the new permissions");
+            return Ok(None);
+        }
+        tracing::info!(key_id = id, "API key privileges updated in place");
+        let absent = held_index_privileges(&before);
+        let auth = Auth::api_key(id, &current.secret);
+        if let Err(e) = self.check_privileges(&client, &auth, &absent).await {
+            // Put the previous privileges back.
+            let restore = json!({ "role_descriptors": restorable(&before) });
+            return match self
+                .conn
+                .call_ok(&client, reqwest::Method::PUT, &path, &admin, Some(&restore))
+                .await
+            {
+                Ok(_) => Ok(Some(super::InPlace::Reverted(format!(
+                    "updating key {id} in place: {e}; its previous privileges are restored"
+                )))),
+                Err(r) => Err(Error::Es(format!(
+                    "updating key {id} in place: {e}; restoring its previous privileges failed: {r}"
+                ))),
+            };
+        }
+        let mut record = current.clone();
+        record.set(key::PERMISSIONS, declared);
+        Ok(Some(super::InPlace::Updated {
+            record,
+            detail: format!("key={id} privileges updated in place; _has_privileges ok"),
+        }))
     }
 
     /// Invalidates the new key: by id (memory or pending record) and by name.
@@ -830,6 +967,96 @@ pub(crate) async fn probe_document(
     Ok(())
 }
 
+/// Does a cluster of `version` (e.g. "8.15.0") have `PUT /_security/api_key/<id>`
+/// (8.4 and later)?
+fn supports_update(version: &str) -> bool {
+    let mut parts = version.split(['.', '-']).map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) >= (8, 4),
+        _ => false,
+    }
+}
+
+/// JSON with object keys sorted, no whitespace: the input of the permissions hash.
+fn canonical_json(v: &Value, out: &mut String) {
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push(':');
+                canonical_json(&m[k], out);
+            }
+            out.push('}');
+        }
+        Value::Array(a) => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canonical_json(x, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+/// (index name, privilege) pairs held by role descriptors as `GET` answers them.
+fn held_index_privileges(descriptors: &Value) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for rd in descriptors.as_object().into_iter().flat_map(|m| m.values()) {
+        for i in rd["indices"].as_array().into_iter().flatten() {
+            for n in i["names"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+            {
+                for p in i["privileges"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                {
+                    out.push((n.to_owned(), p.to_owned()));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The part of `GET` role descriptors rotd sets (cluster, index names and
+/// privileges), to put them back with `PUT`.
+fn restorable(descriptors: &Value) -> Value {
+    let mut out = serde_json::Map::new();
+    for (name, rd) in descriptors.as_object().into_iter().flatten() {
+        let indices: Vec<Value> = rd["indices"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|i| json!({"names": i["names"], "privileges": i["privileges"]}))
+            .collect();
+        let cluster = if rd["cluster"].is_array() {
+            rd["cluster"].clone()
+        } else {
+            json!([])
+        };
+        out.insert(
+            name.clone(),
+            json!({"cluster": cluster, "indices": indices}),
+        );
+    }
+    Value::Object(out)
+}
+
 /// The name of the key a rotation creates.
 pub fn key_name(secret: &str, rotation: &str) -> String {
     format!("rotd-{secret}-{rotation}")
@@ -1006,6 +1233,19 @@ mod tests {
         let e = load_identity(&dir.join("missing.crt"), &key).unwrap_err();
         assert!(e.contains("cannot be read"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn versions_and_canonical_json() {
+        assert!(supports_update("8.4.0"));
+        assert!(supports_update("8.15.0"));
+        assert!(supports_update("9.0.0-SNAPSHOT"));
+        assert!(!supports_update("8.3.3"));
+        assert!(!supports_update("7.17.0"));
+        assert!(!supports_update(""));
+        let mut a = String::new();
+        canonical_json(&json!({"b": [1, {"d": 1, "c": "x"}], "a": null}), &mut a);
+        assert_eq!(a, r#"{"a":null,"b":[1,{"c":"x","d":1}]}"#);
     }
 
     #[test]

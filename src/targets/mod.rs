@@ -169,6 +169,15 @@ pub struct StepContext<'a> {
     pub lookup: Lookup<'a>,
 }
 
+/// What an in-place update of a live credential did (no new secret).
+#[derive(Debug)]
+pub enum InPlace {
+    /// Updated and verified: `record` replaces the current record.
+    Updated { record: Record, detail: String },
+    /// Verification failed and the previous state is restored (the reason).
+    Reverted(String),
+}
+
 /// A successful probe.
 #[derive(Debug)]
 pub struct ProbeReport {
@@ -230,6 +239,21 @@ impl Config {
             Config::Files(_) => Ok(()),
             Config::Elasticsearch(c) => c.rollback(pending, undo, ctx).await,
             Config::EsUser(c) => c.rollback(current, ctx).await,
+        }
+    }
+
+    /// Brings the live credential in line with changed settings without a new
+    /// secret, when the target can (an Elasticsearch API key's privileges on 8.4+).
+    /// None: nothing to do this way; rotate as usual. Err: the update was made, failed
+    /// verification and could not be undone.
+    pub async fn update_in_place(
+        &self,
+        current: &Record,
+        ctx: &StepContext<'_>,
+    ) -> Result<Option<InPlace>, Error> {
+        match self {
+            Config::Elasticsearch(c) => c.update_in_place(current, ctx).await,
+            _ => Ok(None),
         }
     }
 
