@@ -12,6 +12,14 @@
 //! | 6 commit | `secrets/NAME.age` := new record (with what to retire and when), pending removed, `Rotd-Step: succeeded`, push | exit 2 if the commit itself fails (the new credential is live and recorded as pending; the next run rolls it back) | the commit is atomic: either still pending (recovery rolls back) or succeeded |
 //! | 7 retire | after `grace`: old credential removed from the target, `Rotd-Step: retired` | left for `rotd retire`/the daemon; status shows it | retire runs again (idempotent) |
 //!
+//! A target whose apply REPLACES the old credential (an Elasticsearch native user's
+//! single password) rolls back from the CURRENT record (`rollback` receives it, in
+//! recovery too); its consumers hold the old credential from apply until deliver.
+//!
+//! A manual run may instead update the live credential in place when only settings
+//! changed (an API key's privileges, see `targets::Config::update_in_place`):
+//! `Rotd-Step: updated` with the current record's new metadata and the same secret.
+//!
 //! Rollback = target rollback, consumers restored and reloaded, pending removed in a
 //! `rolled-back` commit. If the target rollback itself fails, the pending record is
 //! KEPT (it describes a credential that may still be valid), a `failed` commit says

@@ -22,6 +22,19 @@
 //!   the commit leaves only the name), then confirm with `GET` that each is invalidated.
 //! * `retire` — invalidate `retire-key-id` and confirm it.
 //!
+//! Changed permissions (`update_in_place`, manual runs only): the record keeps
+//! `permissions`, a sha256 of the canonical JSON of the role descriptors the key was
+//! made or last updated with. When the declared ones hash differently and the cluster
+//! is 8.4+ (`GET /`), `PUT /_security/api_key/<id>` sets the new descriptors on the
+//! live key, `_has_privileges` as the key verifies them (declared held, excess and
+//! formerly held-but-no-longer-implied index privileges absent), and the engine
+//! commits `Rotd-Step: updated` with the same secret. A failed verification puts the
+//! previous descriptors back. Anything else (older cluster, no hash, an API key as
+//! admin credential, a failed update call) falls back to a normal rotation.
+//!
+//! TLS: `ca` adds a root certificate; `client_cert` + `client_key` (PEM) give a client
+//! identity ([`Connection`], shared with `elasticsearch-user-password`).
+//!
 //! Calls are retried on 429 and 5xx answers and connection errors (3 tries, 200 ms,
 //! 400 ms back-off); the time limit of one call is `[probe] timeout`. Error messages
 //! carry the method, path, status and Elasticsearch's `error.type`/`error.reason`,
