@@ -205,6 +205,19 @@ fn sigkill_after_apply_is_recovered_by_restoring_the_old_password() {
 }
 
 #[test]
+fn dry_run_names_the_gap_and_touches_nothing() {
+    let s = Setup::new();
+    let o = s.env.rotd(&["rotate", "--dry-run", NAME]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains(&format!("set the password of user {USER}")),
+        "{}",
+        stdout(&o)
+    );
+    assert_eq!(s.live_password(), OLD_PW);
+}
+
+#[test]
 fn check_requires_username() {
     let s = Setup::new();
     let text = std::fs::read_to_string(s.env.schedules.join(format!("{NAME}.toml"))).unwrap();
