@@ -366,7 +366,7 @@ fn dry_run_plan(cfg: &Config, names: &[String], out: &mut impl Write) -> Result<
                 "  commit {} (pending), create API key {} as {}, commit its id (pending) before anything uses it; the old key stays valid",
                 rel_path(n, Slot::Pending),
                 crate::targets::elasticsearch::key_name(n, "<rotation>"),
-                es.admin_credential
+                es.conn.admin_credential
             )?;
         } else {
             writeln!(
@@ -374,11 +374,21 @@ fn dry_run_plan(cfg: &Config, names: &[String], out: &mut impl Write) -> Result<
                 "  generate {} characters ({:?}) with the system CSPRNG",
                 s.length, s.charset
             )?;
-            writeln!(
-                out,
-                "  commit {} (pending), install on the target keeping the old credential valid",
-                rel_path(n, Slot::Pending)
-            )?;
+            if let crate::targets::Config::EsUser(u) = &s.target {
+                writeln!(
+                    out,
+                    "  commit {} (pending), set the password of user {} as {}; the old password stops working until consumers reload (single-password user)",
+                    rel_path(n, Slot::Pending),
+                    u.username,
+                    u.conn.admin_credential
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "  commit {} (pending), install on the target keeping the old credential valid",
+                    rel_path(n, Slot::Pending)
+                )?;
+            }
         }
         for d in &s.deliver {
             writeln!(

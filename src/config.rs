@@ -227,6 +227,9 @@ pub(crate) struct RawTarget {
     query_credential: Option<Spanned<String>>,
     bcrypt_cost: Option<Spanned<u32>>,
     ca: Option<Spanned<PathBuf>>,
+    client_cert: Option<Spanned<PathBuf>>,
+    client_key: Option<Spanned<PathBuf>>,
+    username: Option<Spanned<String>>,
     admin_credential: Option<Spanned<String>>,
     expiration: Option<Spanned<String>>,
     permissions: Option<Vec<Spanned<RawPermission>>>,
@@ -917,6 +920,9 @@ impl RawTarget {
             ("query_credential", self.query_credential.is_some()),
             ("bcrypt_cost", self.bcrypt_cost.is_some()),
             ("ca", self.ca.is_some()),
+            ("client_cert", self.client_cert.is_some()),
+            ("client_key", self.client_key.is_some()),
+            ("username", self.username.is_some()),
             ("admin_credential", self.admin_credential.is_some()),
             ("expiration", self.expiration.is_some()),
             ("permissions", self.permissions.is_some()),
@@ -951,6 +957,15 @@ impl RawTarget {
     }
     pub(crate) fn ca(&self) -> Option<&Spanned<PathBuf>> {
         self.ca.as_ref()
+    }
+    pub(crate) fn client_cert(&self) -> Option<&Spanned<PathBuf>> {
+        self.client_cert.as_ref()
+    }
+    pub(crate) fn client_key(&self) -> Option<&Spanned<PathBuf>> {
+        self.client_key.as_ref()
+    }
+    pub(crate) fn username(&self) -> Option<&Spanned<String>> {
+        self.username.as_ref()
     }
     pub(crate) fn admin_credential(&self) -> Option<&Spanned<String>> {
         self.admin_credential.as_ref()

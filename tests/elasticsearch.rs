@@ -674,3 +674,97 @@ fn dry_run_describes_the_key_and_touches_nothing() {
     );
     assert_eq!(s.cluster.keys().len(), 1);
 }
+
+const OTHER_DS: &str = "logs-other.app-default";
+
+/// The schedule with changed permissions: `auto_configure` on DS dropped, OTHER_DS added.
+fn change_permissions(s: &Setup) {
+    let path = s.env.schedules.join(format!("{NAME}.toml"));
+    let text = std::fs::read_to_string(&path).unwrap();
+    let old = format!(
+        "[[target.permissions]]\nnames = [\"{DS}\"]\nprivileges = [\"create_doc\", \"auto_configure\"]\n"
+    );
+    assert!(text.contains(&old));
+    let new = format!(
+        "[[target.permissions]]\nnames = [\"{DS}\"]\nprivileges = [\"create_doc\"]\n[[target.permissions]]\nnames = [\"{OTHER_DS}\"]\nprivileges = [\"create_doc\", \"auto_configure\"]\n"
+    );
+    s.env.write_schedule(NAME, &text.replace(&old, &new));
+}
+
+/// `_has_privileges` as the live key (from the store and the consumer file).
+fn live_key_privileges(s: &Setup) -> Value {
+    let id = std::fs::read_to_string(s.out.join("key_id")).unwrap();
+    let r = s
+        .cluster
+        .client()
+        .post(format!("{}/_security/user/_has_privileges", s.cluster.url))
+        .header(
+            "Authorization",
+            format!("ApiKey {}", encoded(&id, &s.env.show(NAME))),
+        )
+        .json(&json!({"index": [
+            {"names": [DS], "privileges": ["create_doc", "auto_configure"]},
+            {"names": [OTHER_DS], "privileges": ["create_doc", "auto_configure"]},
+        ]}))
+        .send()
+        .unwrap();
+    assert!(r.status().is_success());
+    r.json().unwrap()
+}
+
+#[test]
+fn changed_permissions_update_the_live_key_in_place() {
+    let s = Setup::new(Cluster::emulated(), "0s");
+    // A first rotation records the permissions of the key rotd made.
+    let o = s.rotate();
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let id = std::fs::read_to_string(s.out.join("key_id")).unwrap();
+    let secret = s.env.show(NAME);
+    change_permissions(&s);
+    let o = s.rotate();
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("updated in place"), "{}", stdout(&o));
+    // Same key, same secret; one valid key.
+    assert_eq!(std::fs::read_to_string(s.out.join("key_id")).unwrap(), id);
+    assert_eq!(s.env.show(NAME), secret);
+    let valid = s.valid_keys();
+    assert_eq!(valid.len(), 1, "{valid:?}");
+    assert_eq!(valid[0].id, id);
+    let p = live_key_privileges(&s);
+    assert_eq!(p["index"][OTHER_DS]["create_doc"], json!(true), "{p}");
+    assert_eq!(p["index"][OTHER_DS]["auto_configure"], json!(true), "{p}");
+    assert_eq!(p["index"][DS]["create_doc"], json!(true), "{p}");
+    assert_eq!(p["index"][DS]["auto_configure"], json!(false), "{p}");
+    let h = s.env.history_json(Some(NAME));
+    assert_eq!(h[0]["step"], "updated", "{:?}", h[0]);
+    assert!(h[0]["target"]
+        .as_str()
+        .unwrap()
+        .contains(&format!("key={id}")));
+    // Nothing changed since: the next manual run rotates.
+    let o = s.rotate();
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert_ne!(std::fs::read_to_string(s.out.join("key_id")).unwrap(), id);
+    assert_eq!(s.env.history_json(Some(NAME))[0]["step"], "retired");
+}
+
+#[test]
+fn changed_permissions_before_8_4_rotate_instead() {
+    let s = Setup::new(Cluster::emulated(), "0s");
+    let o = s.rotate();
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let id = std::fs::read_to_string(s.out.join("key_id")).unwrap();
+    s.cluster.emu().set_version("8.3.0");
+    change_permissions(&s);
+    let o = s.rotate();
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("rotated"), "{}", stdout(&o));
+    let new = std::fs::read_to_string(s.out.join("key_id")).unwrap();
+    assert_ne!(new, id, "a new key was created");
+    assert!(s.cluster.key(&id).invalidated);
+    let p = live_key_privileges(&s);
+    assert_eq!(p["index"][OTHER_DS]["create_doc"], json!(true), "{p}");
+    assert_eq!(p["index"][DS]["auto_configure"], json!(false), "{p}");
+    let h = s.env.history_json(Some(NAME));
+    assert!(h.iter().all(|e| e["step"] != "updated"));
+}

@@ -12,6 +12,14 @@
 //! | 6 commit | `secrets/NAME.age` := new record (with what to retire and when), pending removed, `Rotd-Step: succeeded`, push | exit 2 if the commit itself fails (the new credential is live and recorded as pending; the next run rolls it back) | the commit is atomic: either still pending (recovery rolls back) or succeeded |
 //! | 7 retire | after `grace`: old credential removed from the target, `Rotd-Step: retired` | left for `rotd retire`/the daemon; status shows it | retire runs again (idempotent) |
 //!
+//! A target whose apply REPLACES the old credential (an Elasticsearch native user's
+//! single password) rolls back from the CURRENT record (`rollback` receives it, in
+//! recovery too); its consumers hold the old credential from apply until deliver.
+//!
+//! A manual run may instead update the live credential in place when only settings
+//! changed (an API key's privileges, see `targets::Config::update_in_place`):
+//! `Rotd-Step: updated` with the current record's new metadata and the same secret.
+//!
 //! Rollback = target rollback, consumers restored and reloaded, pending removed in a
 //! `rolled-back` commit. If the target rollback itself fails, the pending record is
 //! KEPT (it describes a credential that may still be valid), a `failed` commit says
@@ -85,6 +93,11 @@ pub enum Outcome {
         rotation: String,
         retired: bool,
     },
+    /// The live credential was updated in place (new privileges, same secret).
+    Updated {
+        rotation: String,
+        detail: String,
+    },
     /// Failed and fully rolled back: the old credential is valid (exit 1).
     RolledBack {
         rotation: String,
@@ -107,6 +120,7 @@ impl Outcome {
     pub fn label(&self) -> &'static str {
         match self {
             Outcome::Succeeded { .. } => "succeeded",
+            Outcome::Updated { .. } => "updated",
             Outcome::RolledBack { .. } => "rolled-back",
             Outcome::Aborted { .. } => "aborted",
             Outcome::Failed { .. } => "failed",
@@ -123,6 +137,9 @@ impl Outcome {
             Outcome::RolledBack { rotation, reason } => format!(
                 "FAILED and rolled back (rotation {rotation}): {reason}; the old credential is still in use"
             ),
+            Outcome::Updated { rotation, detail } => format!(
+                "updated in place, not rotated (rotation {rotation}): {detail}; the secret is unchanged"
+            ),
             Outcome::Aborted { reason } => format!("not rotated: {reason}"),
             Outcome::Failed { rotation, reason, left } => format!(
                 "FAILED and NOT fully rolled back (rotation {rotation}): {reason}. Left to do: {left}"
@@ -132,7 +149,7 @@ impl Outcome {
 
     pub fn exit_code(&self) -> i32 {
         match self {
-            Outcome::Succeeded { .. } => 0,
+            Outcome::Succeeded { .. } | Outcome::Updated { .. } => 0,
             Outcome::RolledBack { .. } | Outcome::Aborted { .. } => 1,
             Outcome::Failed { .. } => 2,
         }
@@ -257,6 +274,21 @@ impl Engine {
         let n = name.to_owned();
         let current = blocking(move || store.read(&n, Slot::Current)).await?;
         let rotation = ulid::Ulid::new().to_string();
+
+        // A manual run whose target can apply changed settings to the live
+        // credential (an ES API key's privileges) does that instead of rotating;
+        // a scheduled run always rotates (the new credential gets the settings too).
+        if !matches!(trigger, Trigger::Schedule) {
+            if let Some(cur) = &current {
+                if let Some(o) = self
+                    .update_in_place(&sched, cur, &rotation, &trigger)
+                    .await?
+                {
+                    return Ok(o);
+                }
+            }
+        }
+
         let plan = match sched.target.plan(current.as_ref()) {
             Ok(p) => p,
             Err(e) => {
@@ -396,6 +428,7 @@ impl Engine {
                     .roll_back(
                         &sched,
                         &pending,
+                        current.as_ref(),
                         undo.as_ref(),
                         snapshot,
                         &rotation,
@@ -466,6 +499,95 @@ impl Engine {
         Ok(Outcome::Succeeded { rotation, retired })
     }
 
+    /// Updates the live credential in place when the target can (see
+    /// [`targets::Config::update_in_place`]); commits `updated` (the current record
+    /// with its new metadata, same secret), `rolled-back` or `failed`.
+    async fn update_in_place(
+        &self,
+        sched: &Schedule,
+        current: &Record,
+        rotation: &str,
+        trigger: &Trigger,
+    ) -> Result<Option<Outcome>, Error> {
+        let lookup = self.lookup();
+        let ctx = targets::StepContext {
+            name: &sched.name,
+            lookup: &lookup,
+        };
+        let started = std::time::Instant::now();
+        let result = sched.target.update_in_place(current, &ctx).await;
+        let fp = self.store.fingerprint(&current.secret);
+        let (step, change, outcome) = match result {
+            Ok(None) => return Ok(None),
+            Ok(Some(targets::InPlace::Updated { record, detail })) => {
+                tracing::info!(secret = %sched.name, rotation, %detail, "updated in place; the secret is unchanged");
+                let msg = Self::message(sched, "updated", rotation, trigger, Some(&record))
+                    .trailer("Rotd-Fingerprint", &fp)
+                    .trailer(
+                        "Rotd-Probe",
+                        format!("ok {}ms", started.elapsed().as_millis()),
+                    )
+                    .trailer("Rotd-Updated", scrub(&detail, &[&current.secret]));
+                (
+                    msg,
+                    Some(record),
+                    Outcome::Updated {
+                        rotation: rotation.to_owned(),
+                        detail,
+                    },
+                )
+            }
+            Ok(Some(targets::InPlace::Reverted(reason))) => {
+                let reason = scrub(&reason, &[&current.secret]);
+                tracing::warn!(secret = %sched.name, rotation, %reason, "update in place failed and was undone");
+                let msg = Self::message(sched, "rolled-back", rotation, trigger, Some(current))
+                    .trailer("Rotd-Fingerprint", &fp)
+                    .trailer("Rotd-Error", &reason);
+                (
+                    msg,
+                    None,
+                    Outcome::RolledBack {
+                        rotation: rotation.to_owned(),
+                        reason,
+                    },
+                )
+            }
+            Err(e) => {
+                let reason = scrub(&e.to_string(), &[&current.secret]);
+                tracing::error!(secret = %sched.name, rotation, %reason, "update in place failed and was NOT undone");
+                let left = "the live credential holds the updated settings that failed verification; fix the settings and run `rotd rotate` again".to_owned();
+                let msg = Self::message(sched, "failed", rotation, trigger, Some(current))
+                    .trailer("Rotd-Fingerprint", &fp)
+                    .trailer("Rotd-Error", &reason)
+                    .trailer("Rotd-Left", &left);
+                (
+                    msg,
+                    None,
+                    Outcome::Failed {
+                        rotation: rotation.to_owned(),
+                        reason,
+                        left,
+                    },
+                )
+            }
+        };
+        let store = self.store.clone();
+        let n = sched.name.clone();
+        blocking(move || {
+            let changes = match change {
+                Some(rec) => vec![Change::Put {
+                    path: rel_path(&n, Slot::Current),
+                    bytes: store.encrypt_record(&rec)?,
+                }],
+                None => Vec::new(),
+            };
+            store.commit(changes, &step)
+        })
+        .await?;
+        self.push_logged().await;
+        Ok(Some(outcome))
+    }
+
     async fn push_logged(&self) {
         let store = self.store.clone();
         match blocking(move || store.push()).await {
@@ -482,6 +604,7 @@ impl Engine {
         &self,
         sched: &Schedule,
         pending: &Record,
+        current: Option<&Record>,
         undo: Option<&targets::Undo>,
         snapshot: Option<deliver::Snapshot>,
         rotation: &str,
@@ -503,7 +626,7 @@ impl Engine {
             name: &sched.name,
             lookup: &lookup,
         };
-        if let Err(e) = sched.target.rollback(pending, undo, &ctx).await {
+        if let Err(e) = sched.target.rollback(pending, current, undo, &ctx).await {
             left.push(format!("target: {e}"));
         }
         self.finish_rollback(sched, pending, rotation, trigger, reason, left)
@@ -607,7 +730,11 @@ impl Engine {
             name: &sched.name,
             lookup: &lookup,
         };
-        if let Err(e) = sched.target.rollback(&pending, None, &ctx).await {
+        if let Err(e) = sched
+            .target
+            .rollback(&pending, current.as_ref(), None, &ctx)
+            .await
+        {
             left.push(format!("target: {e}"));
         }
         let outcome = self

@@ -32,6 +32,9 @@ pub mod key {
     /// In a pending record: the idle user's web-config hash before the rotation
     /// (`none` when it had none), so that a recovery can restore it exactly.
     pub const RESTORE_HASH: &str = "restore-hash";
+    /// An Elasticsearch API key: sha256 (hex) of the canonical JSON of the role
+    /// descriptors it was created or last updated with.
+    pub const PERMISSIONS: &str = "permissions";
 }
 
 /// The plaintext is not in the expected form.

@@ -22,6 +22,19 @@
 //!   the commit leaves only the name), then confirm with `GET` that each is invalidated.
 //! * `retire` — invalidate `retire-key-id` and confirm it.
 //!
+//! Changed permissions (`update_in_place`, manual runs only): the record keeps
+//! `permissions`, a sha256 of the canonical JSON of the role descriptors the key was
+//! made or last updated with. When the declared ones hash differently and the cluster
+//! is 8.4+ (`GET /`), `PUT /_security/api_key/<id>` sets the new descriptors on the
+//! live key, `_has_privileges` as the key verifies them (declared held, excess and
+//! formerly held-but-no-longer-implied index privileges absent), and the engine
+//! commits `Rotd-Step: updated` with the same secret. A failed verification puts the
+//! previous descriptors back. Anything else (older cluster, no hash, an API key as
+//! admin credential, a failed update call) falls back to a normal rotation.
+//!
+//! TLS: `ca` adds a root certificate; `client_cert` + `client_key` (PEM) give a client
+//! identity ([`Connection`], shared with `elasticsearch-user-password`).
+//!
 //! Calls are retried on 429 and 5xx answers and connection errors (3 tries, 200 ms,
 //! 400 ms back-off); the time limit of one call is `[probe] timeout`. Error messages
 //! carry the method, path, status and Elasticsearch's `error.type`/`error.reason`,
@@ -77,12 +90,8 @@ pub struct IndexPermission {
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Base URL, e.g. `https://es.internal:9200`.
-    pub url: String,
-    /// PEM file of the CA that signed the cluster's HTTP certificate.
-    pub ca: Option<PathBuf>,
-    /// Secret in the store: `username` + password (Basic) or `key-id` + api_key.
-    pub admin_credential: String,
+    /// The cluster and the admin credential.
+    pub conn: Connection,
     /// Lifetime of a new key; None = 2 × grace + 30 days (set by [`Config::set_grace`]).
     pub expiration: Option<Duration>,
     /// Union of every block's `cluster` privileges.
@@ -90,8 +99,285 @@ pub struct Config {
     pub indices: Vec<IndexPermission>,
     /// Data stream the probe writes to.
     pub probe_index: String,
+}
+
+/// The cluster, how rotd reaches it, and the admin credential: shared by both
+/// Elasticsearch target kinds.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    /// Base URL, e.g. `https://es.internal:9200`.
+    pub url: String,
+    /// PEM file of the CA that signed the cluster's HTTP certificate.
+    pub ca: Option<PathBuf>,
+    /// TLS client certificate (PEM, the leaf first) and its private key (PEM), for a
+    /// cluster that requires client authentication (`xpack.security.http.ssl.client_authentication`).
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// Secret in the store: `username` + password (Basic) or `key-id` + api_key.
+    pub admin_credential: String,
     /// Time limit of one HTTP call (`[probe] timeout`).
     pub timeout: Duration,
+}
+
+/// Reads `client_cert` and `client_key` into one reqwest identity.
+fn load_identity(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<reqwest::Identity, String> {
+    let c = std::fs::read(cert)
+        .map_err(|e| format!("target.client_cert {} cannot be read: {e}", cert.display()))?;
+    let k = std::fs::read(key)
+        .map_err(|e| format!("target.client_key {} cannot be read: {e}", key.display()))?;
+    if !String::from_utf8_lossy(&c).contains("-----BEGIN CERTIFICATE-----") {
+        return Err(format!(
+            "target.client_cert {} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            cert.display()
+        ));
+    }
+    if !String::from_utf8_lossy(&k).contains("PRIVATE KEY-----") {
+        return Err(format!(
+            "target.client_key {} holds no PEM private key (PKCS#8, PKCS#1 or SEC1)",
+            key.display()
+        ));
+    }
+    let mut pem = c;
+    pem.push(b'\n');
+    pem.extend_from_slice(&k);
+    reqwest::Identity::from_pem(&pem).map_err(|e| {
+        format!(
+            "target.client_cert {} / client_key {}: not a usable PEM certificate and key: {}",
+            cert.display(),
+            key.display(),
+            http_error_text(&e)
+        )
+    })
+}
+
+fn http_error_text(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    let mut src: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+impl Connection {
+    /// Checks `url`, `ca`, `client_cert`, `client_key` and `admin_credential`.
+    /// `admin_does` completes "the credential that …" in messages.
+    pub(crate) fn from_raw(
+        raw: &Spanned<RawTarget>,
+        probe: &config::Probe,
+        kind: &str,
+        admin_does: &str,
+        rep: &mut Reporter<'_>,
+    ) -> Option<Connection> {
+        let t = raw.get_ref();
+        let before = rep.count();
+        let url = match t.url() {
+            Some(u)
+                if u.get_ref().starts_with("http://") || u.get_ref().starts_with("https://") =>
+            {
+                Some(u.get_ref().trim_end_matches('/').to_owned())
+            }
+            Some(u) => {
+                rep.at(
+                    u,
+                    format!(
+                        "target.url = {:?} must start with http:// or https://",
+                        u.get_ref()
+                    ),
+                );
+                None
+            }
+            None => {
+                rep.at(raw, format!("target.url is required for {kind}: the cluster's base URL, e.g. \"https://es.internal:9200\""));
+                None
+            }
+        };
+        let plain_http = url.as_deref().is_some_and(|u| u.starts_with("http://"));
+        let ca = t.ca().map(|c| {
+            let p = rep.resolve(c.get_ref());
+            match std::fs::read(&p) {
+                Ok(pem) => {
+                    if reqwest::Certificate::from_pem(&pem).is_err() {
+                        rep.at(c, format!("target.ca {} is not a PEM certificate; give the CA that signed the cluster's HTTP certificate (e.g. config/certs/http_ca.crt)", p.display()));
+                    }
+                }
+                Err(e) => rep.at(
+                    c,
+                    format!(
+                        "target.ca {} cannot be read: {e}; fix the path or remove the setting",
+                        p.display()
+                    ),
+                ),
+            }
+            if plain_http {
+                rep.at(
+                    c,
+                    "target.ca is only used with an https:// url; remove it or use https",
+                );
+            }
+            p
+        });
+        let client_cert = match (t.client_cert(), t.client_key()) {
+            (None, None) => None,
+            (Some(c), Some(k)) => {
+                let (cp, kp) = (rep.resolve(c.get_ref()), rep.resolve(k.get_ref()));
+                if let Err(m) = load_identity(&cp, &kp) {
+                    rep.at(c, m);
+                }
+                if plain_http {
+                    rep.at(c, "target.client_cert is only used with an https:// url; remove it or use https");
+                }
+                Some((cp, kp))
+            }
+            (Some(c), None) => {
+                rep.at(c, "target.client_cert needs target.client_key: the PEM private key of the client certificate");
+                None
+            }
+            (None, Some(k)) => {
+                rep.at(
+                    k,
+                    "target.client_key needs target.client_cert: the PEM client certificate",
+                );
+                None
+            }
+        };
+        let admin_credential = match t.admin_credential() {
+            Some(a) if config::valid_name(a.get_ref()) => Some(a.get_ref().clone()),
+            Some(a) => {
+                rep.at(
+                    a,
+                    format!(
+                        "target.admin_credential = {:?} is not a valid secret name",
+                        a.get_ref()
+                    ),
+                );
+                None
+            }
+            None => {
+                rep.at(raw, format!("target.admin_credential is required: the secret in the store holding the credential that {admin_does} (import it with `rotd import NAME --username USER` or `--key-id=ID`)"));
+                None
+            }
+        };
+        if rep.count() > before {
+            return None;
+        }
+        Some(Connection {
+            url: url?,
+            ca,
+            client_cert,
+            admin_credential: admin_credential?,
+            timeout: probe.timeout,
+        })
+    }
+
+    pub(crate) fn client(&self) -> Result<reqwest::Client, Error> {
+        let mut b = reqwest::Client::builder()
+            .timeout(self.timeout)
+            .connect_timeout(self.timeout)
+            .user_agent(concat!("rotd/", env!("CARGO_PKG_VERSION")));
+        if let Some(ca) = &self.ca {
+            let pem = std::fs::read(ca)
+                .map_err(|e| Error::Es(format!("cannot read the CA file {}: {e}", ca.display())))?;
+            let cert = reqwest::Certificate::from_pem(&pem)
+                .map_err(|e| Error::Es(format!("CA file {}: {e}", ca.display())))?;
+            b = b.add_root_certificate(cert);
+        }
+        if let Some((cert, key)) = &self.client_cert {
+            b = b.identity(load_identity(cert, key).map_err(Error::Es)?);
+        }
+        b.build()
+            .map_err(|e| Error::Es(format!("cannot build an HTTP client: {e}")))
+    }
+
+    pub(crate) fn admin_auth(&self, lookup: super::Lookup<'_>) -> Result<Auth, Error> {
+        let rec = lookup(&self.admin_credential)?.ok_or_else(|| {
+            Error::Es(format!(
+                "admin credential {} is not in the store; run `rotd import {} --username USER` (password on stdin) or `--key-id=ID` (api_key on stdin)",
+                self.admin_credential, self.admin_credential
+            ))
+        })?;
+        if let Some(u) = rec.username() {
+            return Ok(Auth::basic(u, &rec.secret));
+        }
+        if let Some(id) = rec.key_id() {
+            return Ok(Auth::api_key(id, &rec.secret));
+        }
+        Err(Error::Es(format!(
+            "admin credential {} has neither a username nor a key-id; import it again with --username or --key-id",
+            self.admin_credential
+        )))
+    }
+
+    /// One call with bounded retries on 429, 5xx and connection errors.
+    pub(crate) async fn call(
+        &self,
+        client: &reqwest::Client,
+        method: reqwest::Method,
+        path: &str,
+        auth: &Auth,
+        body: Option<&Value>,
+    ) -> Result<(u16, Value), Error> {
+        let url = format!("{}{path}", self.url);
+        // The path without its query string, for messages.
+        let shown = path.split('?').next().unwrap_or(path);
+        let mut last = String::new();
+        for attempt in 0..3u32 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(200 << (attempt - 1))).await;
+            }
+            let mut req = client
+                .request(method.clone(), &url)
+                .header(AUTHORIZATION, auth.header()?);
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            match req.send().await {
+                Ok(r) => {
+                    let status = r.status().as_u16();
+                    let v: Value = r.json().await.unwrap_or(Value::Null);
+                    if status == 429 || status >= 500 {
+                        last = describe_error(&method, shown, status, &v);
+                        tracing::debug!(attempt, reason = %last, "elasticsearch call failed; retrying");
+                        continue;
+                    }
+                    return Ok((status, v));
+                }
+                Err(e) => {
+                    last = format!("{method} {shown}: {}", http_error(&e));
+                    if !e.is_connect() {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(Error::Es(last))
+    }
+
+    /// A call whose answer must be 2xx.
+    pub(crate) async fn call_ok(
+        &self,
+        client: &reqwest::Client,
+        method: reqwest::Method,
+        path: &str,
+        auth: &Auth,
+        body: Option<&Value>,
+    ) -> Result<Value, Error> {
+        let (status, v) = self.call(client, method.clone(), path, auth, body).await?;
+        if (200..300).contains(&status) {
+            Ok(v)
+        } else {
+            Err(Error::Es(describe_error(
+                &method,
+                path.split('?').next().unwrap_or(path),
+                status,
+                &v,
+            )))
+        }
+    }
 }
 
 fn valid_privilege(p: &str) -> bool {
@@ -110,72 +396,19 @@ impl Config {
         let t = raw.get_ref();
         let before = rep.count();
         t.only(
-            &["url", "ca", "admin_credential", "expiration", "permissions"],
+            &[
+                "url",
+                "ca",
+                "client_cert",
+                "client_key",
+                "admin_credential",
+                "expiration",
+                "permissions",
+            ],
             rep,
             raw,
         );
-        let url = match t.url() {
-            Some(u)
-                if u.get_ref().starts_with("http://") || u.get_ref().starts_with("https://") =>
-            {
-                Some(u.get_ref().trim_end_matches('/').to_owned())
-            }
-            Some(u) => {
-                rep.at(
-                    u,
-                    format!(
-                        "target.url = {:?} must start with http:// or https://",
-                        u.get_ref()
-                    ),
-                );
-                None
-            }
-            None => {
-                rep.at(raw, "target.url is required for elasticsearch-api-key: the cluster's base URL, e.g. \"https://es.internal:9200\"");
-                None
-            }
-        };
-        let ca = t.ca().map(|c| {
-            let p = rep.resolve(c.get_ref());
-            match std::fs::read(&p) {
-                Ok(pem) => {
-                    if reqwest::Certificate::from_pem(&pem).is_err() {
-                        rep.at(c, format!("target.ca {} is not a PEM certificate; give the CA that signed the cluster's HTTP certificate (e.g. config/certs/http_ca.crt)", p.display()));
-                    }
-                }
-                Err(e) => rep.at(
-                    c,
-                    format!(
-                        "target.ca {} cannot be read: {e}; fix the path or remove the setting",
-                        p.display()
-                    ),
-                ),
-            }
-            if url.as_deref().is_some_and(|u| u.starts_with("http://")) {
-                rep.at(
-                    c,
-                    "target.ca is only used with an https:// url; remove it or use https",
-                );
-            }
-            p
-        });
-        let admin_credential = match t.admin_credential() {
-            Some(a) if config::valid_name(a.get_ref()) => Some(a.get_ref().clone()),
-            Some(a) => {
-                rep.at(
-                    a,
-                    format!(
-                        "target.admin_credential = {:?} is not a valid secret name",
-                        a.get_ref()
-                    ),
-                );
-                None
-            }
-            None => {
-                rep.at(raw, "target.admin_credential is required: the secret in the store holding the credential that creates and invalidates API keys (import it with `rotd import NAME --username USER` or `--key-id=ID`)");
-                None
-            }
-        };
+        let conn = Connection::from_raw(raw, probe, KIND, "creates and invalidates API keys", rep);
         let expiration = t.expiration().and_then(|e| match config::parse_duration(e.get_ref()) {
             Ok(d) if d >= Duration::from_secs(60) => Some(d),
             Ok(_) => {
@@ -252,14 +485,11 @@ impl Config {
             return None;
         }
         Some(Config {
-            url: url?,
-            ca,
-            admin_credential: admin_credential?,
+            conn: conn?,
             expiration,
             cluster,
             indices,
             probe_index: probe_index?,
-            timeout: probe.timeout,
         })
     }
 
@@ -292,113 +522,10 @@ impl Config {
         json!({ format!("rotd-{name}"): {"cluster": self.cluster, "indices": indices} })
     }
 
-    fn client(&self) -> Result<reqwest::Client, Error> {
-        let mut b = reqwest::Client::builder()
-            .timeout(self.timeout)
-            .connect_timeout(self.timeout)
-            .user_agent(concat!("rotd/", env!("CARGO_PKG_VERSION")));
-        if let Some(ca) = &self.ca {
-            let pem = std::fs::read(ca)
-                .map_err(|e| Error::Es(format!("cannot read the CA file {}: {e}", ca.display())))?;
-            let cert = reqwest::Certificate::from_pem(&pem)
-                .map_err(|e| Error::Es(format!("CA file {}: {e}", ca.display())))?;
-            b = b.add_root_certificate(cert);
-        }
-        b.build()
-            .map_err(|e| Error::Es(format!("cannot build an HTTP client: {e}")))
-    }
-
-    fn admin_auth(&self, lookup: super::Lookup<'_>) -> Result<Auth, Error> {
-        let rec = lookup(&self.admin_credential)?.ok_or_else(|| {
-            Error::Es(format!(
-                "admin credential {} is not in the store; run `rotd import {} --username USER` (password on stdin) or `--key-id=ID` (api_key on stdin)",
-                self.admin_credential, self.admin_credential
-            ))
-        })?;
-        if let Some(u) = rec.username() {
-            let raw = format!("{u}:{}", rec.secret.expose());
-            return Ok(Auth(format!("Basic {}", STANDARD.encode(raw))));
-        }
-        if let Some(id) = rec.key_id() {
-            return Ok(Auth::api_key(id, &rec.secret));
-        }
-        Err(Error::Es(format!(
-            "admin credential {} has neither a username nor a key-id; import it again with --username or --key-id",
-            self.admin_credential
-        )))
-    }
-
-    /// One call with bounded retries on 429, 5xx and connection errors.
-    async fn call(
-        &self,
-        client: &reqwest::Client,
-        method: reqwest::Method,
-        path: &str,
-        auth: &Auth,
-        body: Option<&Value>,
-    ) -> Result<(u16, Value), Error> {
-        let url = format!("{}{path}", self.url);
-        // The path without its query string, for messages.
-        let shown = path.split('?').next().unwrap_or(path);
-        let mut last = String::new();
-        for attempt in 0..3u32 {
-            if attempt > 0 {
-                tokio::time::sleep(Duration::from_millis(200 << (attempt - 1))).await;
-            }
-            let mut req = client
-                .request(method.clone(), &url)
-                .header(AUTHORIZATION, auth.header()?);
-            if let Some(b) = body {
-                req = req.json(b);
-            }
-            match req.send().await {
-                Ok(r) => {
-                    let status = r.status().as_u16();
-                    let v: Value = r.json().await.unwrap_or(Value::Null);
-                    if status == 429 || status >= 500 {
-                        last = describe_error(&method, shown, status, &v);
-                        tracing::debug!(attempt, reason = %last, "elasticsearch call failed; retrying");
-                        continue;
-                    }
-                    return Ok((status, v));
-                }
-                Err(e) => {
-                    last = format!("{method} {shown}: {}", http_error(&e));
-                    if !e.is_connect() {
-                        break;
-                    }
-                }
-            }
-        }
-        Err(Error::Es(last))
-    }
-
-    /// A call whose answer must be 2xx.
-    async fn call_ok(
-        &self,
-        client: &reqwest::Client,
-        method: reqwest::Method,
-        path: &str,
-        auth: &Auth,
-        body: Option<&Value>,
-    ) -> Result<Value, Error> {
-        let (status, v) = self.call(client, method.clone(), path, auth, body).await?;
-        if (200..300).contains(&status) {
-            Ok(v)
-        } else {
-            Err(Error::Es(describe_error(
-                &method,
-                path.split('?').next().unwrap_or(path),
-                status,
-                &v,
-            )))
-        }
-    }
-
     /// Creates the new key; its id and api_key come back in `Undo::record`.
     pub async fn apply(&self, new: &Record, ctx: &StepContext<'_>) -> Result<Undo, Error> {
-        let admin = self.admin_auth(ctx.lookup)?;
-        let client = self.client()?;
+        let admin = self.conn.admin_auth(ctx.lookup)?;
+        let client = self.conn.client()?;
         let rotation = new.get(key::ROTATION).unwrap_or("unknown");
         let name = key_name(ctx.name, rotation);
         let body = json!({
@@ -408,6 +535,7 @@ impl Config {
             "metadata": {"managed_by": "rotd", "secret": ctx.name, "rotation": rotation},
         });
         let v = self
+            .conn
             .call_ok(
                 &client,
                 reqwest::Method::POST,
@@ -426,6 +554,7 @@ impl Config {
             meta: new.meta.clone(),
         };
         rec.set(key::KEY_ID, id);
+        rec.set(key::PERMISSIONS, self.permissions_hash(ctx.name));
         if let Some(ms) = v["expiration"].as_i64() {
             if let Some(t) = chrono::DateTime::from_timestamp_millis(ms) {
                 rec.set(
@@ -447,45 +576,11 @@ impl Config {
             .key_id()
             .ok_or_else(|| Error::Probe("the new credential has no key id".into()))?;
         let auth = Auth::api_key(id, &new.secret);
-        let admin = self.admin_auth(ctx.lookup)?;
-        let client = self.client()?;
+        let admin = self.conn.admin_auth(ctx.lookup)?;
+        let client = self.conn.client()?;
         let ds = &self.probe_index;
-        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-        let doc =
-            json!({"@timestamp": now, "rotd": {"rotation": ctx.rotation_id, "secret": ctx.name}});
-        let v = self
-            .call_ok(
-                &client,
-                reqwest::Method::POST,
-                &format!("/{}/_doc?refresh=wait_for", enc(ds)),
-                &auth,
-                Some(&doc),
-            )
-            .await
-            .map_err(|e| Error::Probe(format!("indexing into {ds} with the new key: {e}")))?;
-        let (Some(index), Some(doc_id)) = (v["_index"].as_str(), v["_id"].as_str()) else {
-            return Err(Error::Probe(format!(
-                "indexing into {ds}: the answer has no _index or _id"
-            )));
-        };
-        let got = self
-            .call_ok(
-                &client,
-                reqwest::Method::GET,
-                &format!("/{}/_doc/{}", enc(index), enc(doc_id)),
-                &admin,
-                None,
-            )
-            .await
-            .map_err(|e| Error::Probe(format!("reading the probe document back: {e}")))?;
-        if got["found"] != json!(true)
-            || got["_source"]["rotd"]["rotation"].as_str() != Some(ctx.rotation_id)
-        {
-            return Err(Error::Probe(format!(
-                "the probe document {doc_id} is not found in {index}"
-            )));
-        }
-        self.check_privileges(&client, &auth).await?;
+        probe_document(&self.conn, &client, &auth, &admin, ds, ctx, "the new key").await?;
+        self.check_privileges(&client, &auth, &[]).await?;
         Ok(ProbeReport {
             elapsed: started.elapsed(),
             detail: format!("document indexed into {ds}, read back; no excess privilege"),
@@ -493,7 +588,15 @@ impl Config {
     }
 
     /// `_has_privileges` as the new key: the declared ones held, nothing more.
-    async fn check_privileges(&self, client: &reqwest::Client, auth: &Auth) -> Result<(), Error> {
+    ///
+    /// `absent` lists (index, privilege) pairs that must NOT be held either (those a
+    /// key held before an in-place update and the declared ones do not imply).
+    async fn check_privileges(
+        &self,
+        client: &reqwest::Client,
+        auth: &Auth,
+        absent: &[(String, String)],
+    ) -> Result<(), Error> {
         let cluster_excess: Vec<&str> = EXCESS_CLUSTER
             .iter()
             .copied()
@@ -518,8 +621,19 @@ impl Config {
                 index.push(json!({"names": [n], "privileges": privs}));
             }
         }
+        for (n, p) in absent {
+            let declared = self
+                .indices
+                .iter()
+                .any(|d| d.names.contains(n) && implied(&d.privileges, p, index_implies));
+            if !declared && !expected.iter().any(|(en, ep, _)| en == n && ep == p) {
+                expected.push((n.clone(), p.clone(), false));
+                index.push(json!({"names": [n], "privileges": [p]}));
+            }
+        }
         let body = json!({"cluster": cluster, "index": index});
         let v = self
+            .conn
             .call_ok(
                 client,
                 reqwest::Method::POST,
@@ -558,6 +672,124 @@ impl Config {
         }
     }
 
+    /// sha256 (hex) of the canonical JSON of the declared role descriptors.
+    pub fn permissions_hash(&self, name: &str) -> String {
+        let mut text = String::new();
+        canonical_json(&self.role_descriptors(name), &mut text);
+        hex::encode(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()))
+    }
+
+    /// When the declared permissions differ from those recorded for the live key
+    /// (`permissions` metadata) and the cluster is 8.4 or later, updates the live key
+    /// in place (`PUT /_security/api_key/<id>`) and verifies it with
+    /// `_has_privileges`, instead of a rotation. None: rotate as usual (nothing
+    /// recorded, nothing changed, an older cluster, an API key as admin credential,
+    /// or the update could not be made — a rotation applies the permissions too).
+    pub async fn update_in_place(
+        &self,
+        current: &Record,
+        ctx: &StepContext<'_>,
+    ) -> Result<Option<super::InPlace>, Error> {
+        let declared = self.permissions_hash(ctx.name);
+        let (Some(recorded), Some(id)) = (current.get(key::PERMISSIONS), current.key_id()) else {
+            return Ok(None);
+        };
+        if recorded == declared {
+            return Ok(None);
+        }
+        let admin_rec = (ctx.lookup)(&self.conn.admin_credential)?;
+        if admin_rec.as_ref().is_some_and(|r| r.username().is_none()) {
+            tracing::info!("permissions changed; the admin credential is an API key, which Elasticsearch does not let update keys: rotating");
+            return Ok(None);
+        }
+        let admin = self.conn.admin_auth(ctx.lookup)?;
+        let client = self.conn.client()?;
+        let info = match self
+            .conn
+            .call_ok(&client, reqwest::Method::GET, "/", &admin, None)
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the cluster version; rotating to apply the new permissions");
+                return Ok(None);
+            }
+        };
+        let version = info["version"]["number"].as_str().unwrap_or("");
+        if !supports_update(version) {
+            tracing::info!(
+                version,
+                "permissions changed; Elasticsearch before 8.4 cannot update an API key: rotating"
+            );
+            return Ok(None);
+        }
+        let before = match self
+            .conn
+            .call_ok(
+                &client,
+                reqwest::Method::GET,
+                &format!("/_security/api_key?id={}", enc(id)),
+                &admin,
+                None,
+            )
+            .await
+        {
+            Ok(v) => v["api_keys"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|k| k["id"].as_str() == Some(id))
+                .map(|k| k["role_descriptors"].clone())
+                .unwrap_or(Value::Null),
+            Err(e) => {
+                tracing::warn!(error = %e, key_id = id, "cannot read the live key; rotating to apply the new permissions");
+                return Ok(None);
+            }
+        };
+        if !before.is_object() {
+            tracing::warn!(
+                key_id = id,
+                "the live key is not found or has no role descriptors; rotating"
+            );
+            return Ok(None);
+        }
+        let path = format!("/_security/api_key/{}", enc(id));
+        let body = json!({ "role_descriptors": self.role_descriptors(ctx.name) });
+        if let Err(e) = self
+            .conn
+            .call_ok(&client, reqwest::Method::PUT, &path, &admin, Some(&body))
+            .await
+        {
+            tracing::warn!(error = %e, key_id = id, "cannot update the live key; rotating to apply the new permissions");
+            return Ok(None);
+        }
+        tracing::info!(key_id = id, "API key privileges updated in place");
+        let absent = held_index_privileges(&before);
+        let auth = Auth::api_key(id, &current.secret);
+        if let Err(e) = self.check_privileges(&client, &auth, &absent).await {
+            // Put the previous privileges back.
+            let restore = json!({ "role_descriptors": restorable(&before) });
+            return match self
+                .conn
+                .call_ok(&client, reqwest::Method::PUT, &path, &admin, Some(&restore))
+                .await
+            {
+                Ok(_) => Ok(Some(super::InPlace::Reverted(format!(
+                    "updating key {id} in place: {e}; its previous privileges are restored"
+                )))),
+                Err(r) => Err(Error::Es(format!(
+                    "updating key {id} in place: {e}; restoring its previous privileges failed: {r}"
+                ))),
+            };
+        }
+        let mut record = current.clone();
+        record.set(key::PERMISSIONS, declared);
+        Ok(Some(super::InPlace::Updated {
+            record,
+            detail: format!("key={id} privileges updated in place; _has_privileges ok"),
+        }))
+    }
+
     /// Invalidates the new key: by id (memory or pending record) and by name.
     pub async fn rollback(
         &self,
@@ -565,8 +797,8 @@ impl Config {
         undo: Option<&Undo>,
         ctx: &StepContext<'_>,
     ) -> Result<(), Error> {
-        let admin = self.admin_auth(ctx.lookup)?;
-        let client = self.client()?;
+        let admin = self.conn.admin_auth(ctx.lookup)?;
+        let client = self.conn.client()?;
         let mut ids: Vec<String> = Vec::new();
         let known = undo
             .and_then(|u| u.record.as_ref())
@@ -581,6 +813,7 @@ impl Config {
         let rotation = pending.get(key::ROTATION).unwrap_or("unknown");
         let name = key_name(ctx.name, rotation);
         let v = self
+            .conn
             .call_ok(
                 &client,
                 reqwest::Method::GET,
@@ -618,8 +851,8 @@ impl Config {
         if Some(old) == current.key_id() {
             return Ok(None);
         }
-        let admin = self.admin_auth(ctx.lookup)?;
-        let client = self.client()?;
+        let admin = self.conn.admin_auth(ctx.lookup)?;
+        let client = self.conn.client()?;
         self.invalidate(&client, &admin, &[old.to_owned()]).await?;
         tracing::info!(key_id = old, "old API key invalidated");
         Ok(Some(format!("key={old}")))
@@ -633,6 +866,7 @@ impl Config {
         ids: &[String],
     ) -> Result<(), Error> {
         let v = self
+            .conn
             .call_ok(
                 client,
                 reqwest::Method::DELETE,
@@ -662,6 +896,7 @@ impl Config {
         }
         for id in ids {
             let (status, v) = self
+                .conn
                 .call(
                     client,
                     reqwest::Method::GET,
@@ -697,6 +932,144 @@ impl Config {
     }
 }
 
+/// Indexes one document into `ds` as `auth` (create semantics, `refresh=wait_for`)
+/// and reads it back as the admin. `who` names `auth` in messages.
+pub(crate) async fn probe_document(
+    conn: &Connection,
+    client: &reqwest::Client,
+    auth: &Auth,
+    admin: &Auth,
+    ds: &str,
+    ctx: &ProbeContext<'_>,
+    who: &str,
+) -> Result<(), Error> {
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let doc = json!({"@timestamp": now, "rotd": {"rotation": ctx.rotation_id, "secret": ctx.name}});
+    let v = conn
+        .call_ok(
+            client,
+            reqwest::Method::POST,
+            &format!("/{}/_doc?refresh=wait_for", enc(ds)),
+            auth,
+            Some(&doc),
+        )
+        .await
+        .map_err(|e| Error::Probe(format!("indexing into {ds} with {who}: {e}")))?;
+    let (Some(index), Some(doc_id)) = (v["_index"].as_str(), v["_id"].as_str()) else {
+        return Err(Error::Probe(format!(
+            "indexing into {ds}: the answer has no _index or _id"
+        )));
+    };
+    let got = conn
+        .call_ok(
+            client,
+            reqwest::Method::GET,
+            &format!("/{}/_doc/{}", enc(index), enc(doc_id)),
+            admin,
+            None,
+        )
+        .await
+        .map_err(|e| Error::Probe(format!("reading the probe document back: {e}")))?;
+    if got["found"] != json!(true)
+        || got["_source"]["rotd"]["rotation"].as_str() != Some(ctx.rotation_id)
+    {
+        return Err(Error::Probe(format!(
+            "the probe document {doc_id} is not found in {index}"
+        )));
+    }
+    Ok(())
+}
+
+/// Does a cluster of `version` (e.g. "8.15.0") have `PUT /_security/api_key/<id>`
+/// (8.4 and later)?
+fn supports_update(version: &str) -> bool {
+    let mut parts = version.split(['.', '-']).map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) >= (8, 4),
+        _ => false,
+    }
+}
+
+/// JSON with object keys sorted, no whitespace: the input of the permissions hash.
+fn canonical_json(v: &Value, out: &mut String) {
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push(':');
+                canonical_json(&m[k], out);
+            }
+            out.push('}');
+        }
+        Value::Array(a) => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canonical_json(x, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+/// (index name, privilege) pairs held by role descriptors as `GET` answers them.
+fn held_index_privileges(descriptors: &Value) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for rd in descriptors.as_object().into_iter().flat_map(|m| m.values()) {
+        for i in rd["indices"].as_array().into_iter().flatten() {
+            for n in i["names"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+            {
+                for p in i["privileges"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                {
+                    out.push((n.to_owned(), p.to_owned()));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The part of `GET` role descriptors rotd sets (cluster, index names and
+/// privileges), to put them back with `PUT`.
+fn restorable(descriptors: &Value) -> Value {
+    let mut out = serde_json::Map::new();
+    for (name, rd) in descriptors.as_object().into_iter().flatten() {
+        let indices: Vec<Value> = rd["indices"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|i| json!({"names": i["names"], "privileges": i["privileges"]}))
+            .collect();
+        let cluster = if rd["cluster"].is_array() {
+            rd["cluster"].clone()
+        } else {
+            json!([])
+        };
+        out.insert(
+            name.clone(),
+            json!({"cluster": cluster, "indices": indices}),
+        );
+    }
+    Value::Object(out)
+}
+
 /// The name of the key a rotation creates.
 pub fn key_name(secret: &str, rotation: &str) -> String {
     format!("rotd-{secret}-{rotation}")
@@ -708,7 +1081,7 @@ pub fn encoded(id: &str, api_key: &Secret) -> Secret {
 }
 
 /// An `Authorization` header value; Debug never shows it.
-struct Auth(String);
+pub(crate) struct Auth(String);
 
 impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -717,7 +1090,15 @@ impl std::fmt::Debug for Auth {
 }
 
 impl Auth {
-    fn api_key(id: &str, api_key: &Secret) -> Auth {
+    /// `Basic base64(user:password)`.
+    pub(crate) fn basic(user: &str, password: &Secret) -> Auth {
+        Auth(format!(
+            "Basic {}",
+            STANDARD.encode(format!("{user}:{}", password.expose()))
+        ))
+    }
+
+    pub(crate) fn api_key(id: &str, api_key: &Secret) -> Auth {
         Auth(format!("ApiKey {}", encoded(id, api_key).expose()))
     }
 
@@ -730,7 +1111,7 @@ impl Auth {
 }
 
 /// Percent-encodes a path segment or query value.
-fn enc(s: &str) -> String {
+pub(crate) fn enc(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
@@ -743,7 +1124,12 @@ fn enc(s: &str) -> String {
 }
 
 /// "METHOD /path answered HTTP 500: type: reason".
-fn describe_error(method: &reqwest::Method, path: &str, status: u16, v: &Value) -> String {
+pub(crate) fn describe_error(
+    method: &reqwest::Method,
+    path: &str,
+    status: u16,
+    v: &Value,
+) -> String {
     let err = &v["error"];
     let detail = match (err["type"].as_str(), err["reason"].as_str()) {
         (Some(t), Some(r)) => format!(": {t}: {r}"),
@@ -812,6 +1198,67 @@ mod tests {
             "manage_api_key",
             cluster_implies
         ));
+    }
+
+    #[test]
+    fn client_certificate_errors_are_clear() {
+        let dir = std::env::temp_dir().join(format!("rotd-es-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cert = dir.join("client.crt");
+        let key = dir.join("client.key");
+        // Not PEM at all.
+        std::fs::write(&cert, "not a certificate").unwrap();
+        std::fs::write(
+            &key,
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let e = load_identity(&cert, &key).unwrap_err();
+        assert!(
+            e.contains("target.client_cert") && e.contains("no PEM certificate"),
+            "{e}"
+        );
+        // A certificate but a key file without a key.
+        std::fs::write(
+            &cert,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        std::fs::write(
+            &key,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let e = load_identity(&cert, &key).unwrap_err();
+        assert!(
+            e.contains("target.client_key") && e.contains("no PEM private key"),
+            "{e}"
+        );
+        // Broken base64 inside the armour.
+        std::fs::write(
+            &key,
+            "-----BEGIN PRIVATE KEY-----\n!!not base64!!\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let e = load_identity(&cert, &key).unwrap_err();
+        assert!(e.contains("not a usable PEM certificate and key"), "{e}");
+        // Unreadable.
+        let e = load_identity(&dir.join("missing.crt"), &key).unwrap_err();
+        assert!(e.contains("cannot be read"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn versions_and_canonical_json() {
+        assert!(supports_update("8.4.0"));
+        assert!(supports_update("8.15.0"));
+        assert!(supports_update("9.0.0-SNAPSHOT"));
+        assert!(!supports_update("8.3.3"));
+        assert!(!supports_update("7.17.0"));
+        assert!(!supports_update(""));
+        let mut a = String::new();
+        canonical_json(&json!({"b": [1, {"d": 1, "c": "x"}], "a": null}), &mut a);
+        assert_eq!(a, r#"{"a":null,"b":[1,{"c":"x","d":1}]}"#);
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! Every step is idempotent, so recovery after a crash can run it again.
 
 pub mod elasticsearch;
+pub mod elasticsearch_user;
 pub mod files;
 pub mod http_probe;
 pub mod prometheus;
@@ -54,6 +55,7 @@ pub enum Config {
     Prometheus(prometheus::Config),
     Files(files::Config),
     Elasticsearch(elasticsearch::Config),
+    EsUser(elasticsearch_user::Config),
 }
 
 impl Config {
@@ -69,12 +71,11 @@ impl Config {
             files::KIND => files::Config::from_raw(raw, probe, probe_span, rep).map(Config::Files),
             elasticsearch::KIND => elasticsearch::Config::from_raw(raw, probe, probe_span, rep)
                 .map(Config::Elasticsearch),
-            "elasticsearch-user-password" => {
-                rep.at(t.kind(), format!("target kind {:?} is not supported by this build of rotd yet; use \"prometheus-remote-write\", \"elasticsearch-api-key\" or \"files\"", t.kind().get_ref()));
-                None
+            elasticsearch_user::KIND => {
+                elasticsearch_user::Config::from_raw(raw, probe, rep).map(Config::EsUser)
             }
             other => {
-                rep.at(t.kind(), format!("unknown target kind {other:?}; the kinds are \"prometheus-remote-write\", \"elasticsearch-api-key\" and \"files\""));
+                rep.at(t.kind(), format!("unknown target kind {other:?}; the kinds are \"prometheus-remote-write\", \"elasticsearch-api-key\", \"elasticsearch-user-password\" and \"files\""));
                 None
             }
         }
@@ -85,6 +86,7 @@ impl Config {
             Config::Prometheus(_) => prometheus::KIND,
             Config::Files(_) => files::KIND,
             Config::Elasticsearch(_) => elasticsearch::KIND,
+            Config::EsUser(_) => elasticsearch_user::KIND,
         }
     }
 
@@ -97,7 +99,10 @@ impl Config {
                 .map(|q| vec![("query_credential", q)])
                 .unwrap_or_default(),
             Config::Files(_) => Vec::new(),
-            Config::Elasticsearch(c) => vec![("admin_credential", c.admin_credential.as_str())],
+            Config::Elasticsearch(c) => {
+                vec![("admin_credential", c.conn.admin_credential.as_str())]
+            }
+            Config::EsUser(c) => vec![("admin_credential", c.conn.admin_credential.as_str())],
         }
     }
 
@@ -115,11 +120,17 @@ impl Config {
             Config::Elasticsearch(c) => format!(
                 "{} {}{}",
                 elasticsearch::KIND,
-                c.url,
+                c.conn.url,
                 record
                     .and_then(|r| r.key_id())
                     .map(|k| format!(" key={k}"))
                     .unwrap_or_default()
+            ),
+            Config::EsUser(c) => format!(
+                "{} {} user={}",
+                elasticsearch_user::KIND,
+                c.conn.url,
+                c.username
             ),
         }
     }
@@ -158,6 +169,15 @@ pub struct StepContext<'a> {
     pub lookup: Lookup<'a>,
 }
 
+/// What an in-place update of a live credential did (no new secret).
+#[derive(Debug)]
+pub enum InPlace {
+    /// Updated and verified: `record` replaces the current record.
+    Updated { record: Record, detail: String },
+    /// Verification failed and the previous state is restored (the reason).
+    Reverted(String),
+}
+
 /// A successful probe.
 #[derive(Debug)]
 pub struct ProbeReport {
@@ -180,6 +200,7 @@ impl Config {
             Config::Prometheus(c) => c.plan(current),
             Config::Files(_) => Ok(Plan::default()),
             Config::Elasticsearch(c) => Ok(c.plan(current)),
+            Config::EsUser(c) => c.plan(current),
         }
     }
 
@@ -188,6 +209,7 @@ impl Config {
             Config::Prometheus(c) => c.apply(new),
             Config::Files(_) => Ok(Undo::default()),
             Config::Elasticsearch(c) => c.apply(new, ctx).await,
+            Config::EsUser(c) => c.apply(new, ctx).await,
         }
     }
 
@@ -196,14 +218,19 @@ impl Config {
             Config::Prometheus(c) => c.probe(new, ctx).await,
             Config::Files(c) => c.probe(new, ctx).await,
             Config::Elasticsearch(c) => c.probe(new, ctx).await,
+            Config::EsUser(c) => c.probe(new, ctx).await,
         }
     }
 
     /// Undoes `apply`. `undo` is the in-memory data when the same process applied;
     /// None after a crash (recovery), when the pending record's metadata is used.
+    /// `current` is the current record (the credential in use before the rotation):
+    /// a target whose apply REPLACES the old credential (a single-password user)
+    /// restores it from there.
     pub async fn rollback(
         &self,
         pending: &Record,
+        current: Option<&Record>,
         undo: Option<&Undo>,
         ctx: &StepContext<'_>,
     ) -> Result<(), Error> {
@@ -211,6 +238,22 @@ impl Config {
             Config::Prometheus(c) => c.rollback(pending, undo),
             Config::Files(_) => Ok(()),
             Config::Elasticsearch(c) => c.rollback(pending, undo, ctx).await,
+            Config::EsUser(c) => c.rollback(current, ctx).await,
+        }
+    }
+
+    /// Brings the live credential in line with changed settings without a new
+    /// secret, when the target can (an Elasticsearch API key's privileges on 8.4+).
+    /// None: nothing to do this way; rotate as usual. Err: the update was made, failed
+    /// verification and could not be undone.
+    pub async fn update_in_place(
+        &self,
+        current: &Record,
+        ctx: &StepContext<'_>,
+    ) -> Result<Option<InPlace>, Error> {
+        match self {
+            Config::Elasticsearch(c) => c.update_in_place(current, ctx).await,
+            _ => Ok(None),
         }
     }
 
@@ -224,6 +267,7 @@ impl Config {
             Config::Prometheus(c) => c.retire(current),
             Config::Files(_) => Ok(None),
             Config::Elasticsearch(c) => c.retire(current, ctx).await,
+            Config::EsUser(_) => Ok(None),
         }
     }
 }
