@@ -84,6 +84,9 @@ pub struct Store {
     pub identity: PathBuf,
     pub recipients: Option<PathBuf>,
     pub signing_key: Option<PathBuf>,
+    /// git's allowed-signers file for `rotd verify` and `history` (default: the
+    /// signing key's own public key).
+    pub allowed_signers: Option<PathBuf>,
     /// Private key for an `ssh://` remote.
     pub remote_ssh_key: Option<PathBuf>,
     /// File holding a token for an `https://` remote (sent as the password).
@@ -157,6 +160,7 @@ struct RawStore {
     identity: Spanned<PathBuf>,
     recipients: Option<Spanned<PathBuf>>,
     signing_key: Option<Spanned<PathBuf>>,
+    allowed_signers: Option<Spanned<PathBuf>>,
     remote_ssh_key: Option<Spanned<PathBuf>>,
     remote_token_file: Option<Spanned<PathBuf>>,
     author_name: Option<String>,
@@ -372,6 +376,11 @@ fn load_with(path: &Path, with_schedules: bool) -> Result<Config, Error> {
             .signing_key
             .as_ref()
             .map(|p| rep.resolve(p.get_ref())),
+        allowed_signers: raw
+            .store
+            .allowed_signers
+            .as_ref()
+            .map(|p| rep.resolve(p.get_ref())),
         remote_ssh_key: raw
             .store
             .remote_ssh_key
@@ -391,6 +400,7 @@ fn load_with(path: &Path, with_schedules: bool) -> Result<Config, Error> {
     for (what, p) in [
         ("recipients", &raw.store.recipients),
         ("signing_key", &raw.store.signing_key),
+        ("allowed_signers", &raw.store.allowed_signers),
         ("remote_ssh_key", &raw.store.remote_ssh_key),
         ("remote_token_file", &raw.store.remote_token_file),
     ] {
