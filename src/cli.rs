@@ -51,6 +51,12 @@ pub enum Command {
         name: Option<String>,
         #[arg(long)]
         json: bool,
+        /// Only commits newer than this: a duration ("7d", "12h") or an RFC 3339 time
+        #[arg(long, value_name = "DURATION|RFC3339")]
+        since: Option<String>,
+        /// Only commits with this step (succeeded, rolled-back, failed, pending, ...)
+        #[arg(long, value_name = "STEP")]
+        outcome: Option<String>,
     },
     /// Adopt a credential that is live today (secret on stdin)
     Import {
@@ -64,4 +70,21 @@ pub enum Command {
     Retire,
     /// Decrypt and print the current value (needs the identity)
     Show { name: String },
+    /// Audit the whole store history; exit 1 on findings
+    Verify {
+        #[arg(long)]
+        json: bool,
+        /// git allowed-signers file [default: store.allowed_signers, else the signing key]
+        #[arg(long, value_name = "PATH")]
+        allowed_signers: Option<PathBuf>,
+        /// This commit and its ancestors need no signature (history from before signing)
+        #[arg(long, value_name = "COMMIT")]
+        accept_unsigned_before: Option<String>,
+    },
+    /// Re-encrypt every secret to the current recipients, in one commit
+    Rekey {
+        /// When a recipient was removed, rotate every scheduled secret afterwards
+        #[arg(long)]
+        rotate_removed: bool,
+    },
 }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::audit;
 use crate::cli::{Cli, Command};
 use crate::config::{self, Config};
 use crate::daemon::control::{self, Request};
@@ -201,40 +202,79 @@ pub async fn run(cli: Cli) -> Result<i32, Error> {
             let store = open(&cfg).await?;
             status(&cfg, &store, json, out)
         }
-        Command::History { name, json } => {
-            let cfg = config::load(&path)?;
+        Command::History {
+            name,
+            json,
+            since,
+            outcome,
+        } => {
+            let cfg = config::load_store_only(&path)?;
             let store = open(&cfg).await?;
-            let entries = history::read(&store, name.as_deref())?;
-            if json {
-                serde_json::to_writer_pretty(&mut *out, &serde_json::json!({ "entries": entries }))
-                    .map_err(std::io::Error::from)?;
-                writeln!(out)?;
+            let since = since
+                .map(|s| history::parse_since(&s, chrono::Utc::now().timestamp()))
+                .transpose()
+                .map_err(Error::Usage)?;
+            let filter = history::Filter {
+                secret: name,
+                since,
+                outcome,
+            };
+            history_cmd(&store, &filter, json, out)
+        }
+        Command::Verify {
+            json,
+            allowed_signers,
+            accept_unsigned_before,
+        } => {
+            let cfg = config::load_store_only(&path)?;
+            let store = open(&cfg).await?;
+            let opts = audit::Options {
+                allowed_signers,
+                accept_unsigned_before,
+            };
+            verify(&store, &opts, json, out)
+        }
+        Command::Rekey { rotate_removed } => {
+            let cfg = Arc::new(if rotate_removed {
+                config::load(&path)?
             } else {
-                writeln!(
-                    out,
-                    "{:<20}  {:<24} {:<12} {:<26} {:<18} DETAIL",
-                    "TIME", "SECRET", "STEP", "ROTATION", "TRIGGER"
-                )?;
-                for e in &entries {
-                    let detail = e
-                        .error
-                        .clone()
-                        .or_else(|| e.probe.as_ref().map(|p| format!("probe {p}")))
-                        .or_else(|| e.target.clone())
-                        .unwrap_or_default();
-                    writeln!(
-                        out,
-                        "{:<20}  {:<24} {:<12} {:<26} {:<18} {}",
-                        e.time,
-                        e.secret.as_deref().unwrap_or("-"),
-                        e.step.as_deref().unwrap_or("-"),
-                        e.rotation.as_deref().unwrap_or("-"),
-                        e.trigger.as_deref().unwrap_or("-"),
-                        detail
-                    )?;
-                }
+                config::load_store_only(&path)?
+            });
+            let store = open(&cfg).await?;
+            let s = store.clone();
+            let r = tokio::task::spawn_blocking(move || crate::rekey::rekey(&s))
+                .await
+                .map_err(|e| Error::Usage(e.to_string()))??;
+            writeln!(
+                out,
+                "rekeyed {} secret file(s) in commit {}",
+                r.files,
+                r.commit.map(|c| c.to_string()).unwrap_or_default()
+            )?;
+            for a in &r.added {
+                writeln!(out, "  recipient added: {a}")?;
             }
-            Ok(exit::OK)
+            for a in &r.removed {
+                writeln!(out, "  recipient removed: {a}")?;
+            }
+            if let Some(store::Push::Unreachable(e) | store::Push::Rejected(e)) = &r.push {
+                writeln!(out, "warning: cannot push the store: {e}")?;
+            }
+            if r.removed.is_empty() {
+                return Ok(exit::OK);
+            }
+            if !rotate_removed {
+                writeln!(out, "a recipient was removed: it may still know every secret it could read; rotate them (`rotd rotate --all`, or `rotd rekey --rotate-removed`)")?;
+                return Ok(exit::OK);
+            }
+            let engine = Engine::new(cfg.clone(), store);
+            let mut code = exit::OK;
+            for s in &cfg.schedules {
+                let outcome = engine.rotate(&s.name, Trigger::manual_here()).await?;
+                writeln!(out, "{}: {}", s.name, outcome.message())?;
+                code = code.max(outcome.exit_code());
+            }
+            Ok(code)
         }
         Command::Import {
             name,
@@ -276,6 +316,104 @@ pub async fn run(cli: Cli) -> Result<i32, Error> {
             }
         }
     }
+}
+
+fn history_cmd(
+    store: &Store,
+    filter: &history::Filter,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<i32, Error> {
+    let allowed = if store.signer().is_some() || store.config().allowed_signers.is_some() {
+        audit::allowed_signers(store, None)?
+    } else {
+        None
+    };
+    let entries = history::read_filtered(store, filter, allowed.as_ref())?;
+    if json {
+        serde_json::to_writer_pretty(&mut *out, &serde_json::json!({ "entries": entries }))
+            .map_err(std::io::Error::from)?;
+        writeln!(out)?;
+        return Ok(exit::OK);
+    }
+    let sig = allowed.is_some();
+    writeln!(
+        out,
+        "{:<20}  {:<24} {:<12} {:<26} {:<18} {}DETAIL",
+        "TIME",
+        "SECRET",
+        "STEP",
+        "ROTATION",
+        "TRIGGER",
+        if sig { "SIGNATURE    " } else { "" }
+    )?;
+    for e in &entries {
+        let detail = e
+            .error
+            .clone()
+            .or_else(|| e.probe.as_ref().map(|p| format!("probe {p}")))
+            .or_else(|| e.target.clone())
+            .unwrap_or_default();
+        writeln!(
+            out,
+            "{:<20}  {:<24} {:<12} {:<26} {:<18} {}{}",
+            e.time,
+            e.secret.as_deref().unwrap_or("-"),
+            e.step.as_deref().unwrap_or("-"),
+            e.rotation.as_deref().unwrap_or("-"),
+            e.trigger.as_deref().unwrap_or("-"),
+            e.signature.map(|s| format!("{s:<12} ")).unwrap_or_default(),
+            detail
+        )?;
+    }
+    Ok(exit::OK)
+}
+
+fn verify(
+    store: &Store,
+    opts: &audit::Options,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<i32, Error> {
+    let report = match audit::verify(store, opts) {
+        Ok(r) => r,
+        Err(audit::Error::Store(e)) => return Err(e.into()),
+        Err(e @ audit::Error::UnknownCommit(_)) => return Err(Error::Usage(e.to_string())),
+    };
+    if json {
+        serde_json::to_writer_pretty(&mut *out, &report).map_err(std::io::Error::from)?;
+        writeln!(out)?;
+    } else {
+        for f in &report.findings {
+            writeln!(
+                out,
+                "{} commit {} {}: {}",
+                f.check,
+                f.commit,
+                f.file.as_deref().unwrap_or("-"),
+                f.message
+            )?;
+        }
+        writeln!(
+            out,
+            "{}: {} commit(s), {} blob(s), {} secret value(s) searched{}; {} finding(s)",
+            if report.ok { "ok" } else { "FAILED" },
+            report.commits,
+            report.blobs,
+            report.secrets_searched,
+            if report.signing_checked {
+                ", signatures checked"
+            } else {
+                ", signatures not checked (no signing key or allowed signers configured)"
+            },
+            report.findings.len()
+        )?;
+    }
+    Ok(if report.ok {
+        exit::OK
+    } else {
+        exit::ROLLED_BACK
+    })
 }
 
 fn init(path: &Path, out: &mut impl Write) -> Result<i32, Error> {

@@ -84,6 +84,9 @@ pub struct Store {
     pub identity: PathBuf,
     pub recipients: Option<PathBuf>,
     pub signing_key: Option<PathBuf>,
+    /// git's allowed-signers file for `rotd verify` and `history` (default: the
+    /// signing key's own public key).
+    pub allowed_signers: Option<PathBuf>,
     /// Private key for an `ssh://` remote.
     pub remote_ssh_key: Option<PathBuf>,
     /// File holding a token for an `https://` remote (sent as the password).
@@ -171,6 +174,7 @@ struct RawStore {
     identity: Spanned<PathBuf>,
     recipients: Option<Spanned<PathBuf>>,
     signing_key: Option<Spanned<PathBuf>>,
+    allowed_signers: Option<Spanned<PathBuf>>,
     remote_ssh_key: Option<Spanned<PathBuf>>,
     remote_token_file: Option<Spanned<PathBuf>>,
     author_name: Option<String>,
@@ -397,6 +401,11 @@ fn load_with(path: &Path, with_schedules: bool) -> Result<Config, Error> {
             .signing_key
             .as_ref()
             .map(|p| rep.resolve(p.get_ref())),
+        allowed_signers: raw
+            .store
+            .allowed_signers
+            .as_ref()
+            .map(|p| rep.resolve(p.get_ref())),
         remote_ssh_key: raw
             .store
             .remote_ssh_key
@@ -416,6 +425,7 @@ fn load_with(path: &Path, with_schedules: bool) -> Result<Config, Error> {
     for (what, p) in [
         ("recipients", &raw.store.recipients),
         ("signing_key", &raw.store.signing_key),
+        ("allowed_signers", &raw.store.allowed_signers),
         ("remote_ssh_key", &raw.store.remote_ssh_key),
         ("remote_token_file", &raw.store.remote_token_file),
     ] {
@@ -469,7 +479,11 @@ fn load_with(path: &Path, with_schedules: bool) -> Result<Config, Error> {
             .map(|p| rep.resolve(&p))
             .unwrap_or_else(|| PathBuf::from("/run/rotd/rotd.sock")),
         metrics,
-        socket_group: raw.daemon.socket_group.clone().or_else(|| Some("rotd".into())),
+        socket_group: raw
+            .daemon
+            .socket_group
+            .clone()
+            .or_else(|| Some("rotd".into())),
         allowed_uids: raw.daemon.allowed_uids.clone(),
         shutdown_grace: match &raw.daemon.shutdown_grace {
             None => Duration::from_secs(60),

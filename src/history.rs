@@ -30,6 +30,57 @@ pub struct Entry {
     pub subject: String,
     /// Every `Rotd-*` trailer, as parsed.
     pub trailers: BTreeMap<String, String>,
+    /// When signing is configured: "good", "unsigned", "bad" or "unknown-key".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signature: Option<&'static str>,
+}
+
+/// Which entries `history` shows.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub secret: Option<String>,
+    /// Only commits at or after this time (seconds since the epoch).
+    pub since: Option<i64>,
+    /// Only commits with this `Rotd-Step`.
+    pub outcome: Option<String>,
+}
+
+/// Parses `--since`: an RFC 3339 time, or a duration back from `now`.
+pub fn parse_since(s: &str, now: i64) -> Result<i64, String> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s.trim()) {
+        return Ok(t.timestamp());
+    }
+    match humantime::parse_duration(s.trim()) {
+        Ok(d) => Ok(now.saturating_sub(i64::try_from(d.as_secs()).unwrap_or(i64::MAX))),
+        Err(_) => Err(format!(
+            "--since {s:?} is neither a duration (\"7d\", \"12h\") nor an RFC 3339 time (\"2026-01-31T00:00:00Z\")"
+        )),
+    }
+}
+
+/// Reads the filtered history (newest first), with each entry's signature status
+/// checked against `allowed` when given.
+pub fn read_filtered(
+    store: &Store,
+    filter: &Filter,
+    allowed: Option<&crate::signing::AllowedSigners>,
+) -> Result<Vec<Entry>, store::Error> {
+    let mut entries = read(store, filter.secret.as_deref())?;
+    entries.retain(|e| {
+        filter.since.map_or(true, |t| e.timestamp >= t)
+            && filter
+                .outcome
+                .as_deref()
+                .map_or(true, |o| e.step.as_deref() == Some(o))
+    });
+    if let Some(allowed) = allowed {
+        let repo = store.repo()?;
+        for e in &mut entries {
+            let oid = git2::Oid::from_str(&e.commit)?;
+            e.signature = Some(crate::audit::signature_status(&repo, oid, allowed));
+        }
+    }
+    Ok(entries)
 }
 
 /// Reads the whole history (newest first), optionally for one secret.
@@ -82,6 +133,7 @@ pub fn read(store: &Store, secret: Option<&str>) -> Result<Vec<Entry>, store::Er
             retire_after: get("Rotd-Retire-After"),
             subject: commit.summary().unwrap_or("").to_owned(),
             trailers,
+            signature: None,
         });
     }
     Ok(out)

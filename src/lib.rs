@@ -21,12 +21,14 @@
 //! * [`targets`] holds one file per target kind, each with its probe beside it.
 //! * [`deliver`] renders consumer files and runs reloads.
 //! * [`secret`] is the redacting [`secret::Secret`] type and the CSPRNG generator.
+//! * [`audit`] is `rotd verify`: signatures, plaintext leaks, trailers, recipients.
 //! * [`history`] reads the audit trail back from git.
 //! * [`signing`] makes and checks the SSH signatures (sshsig) of store commits.
 //!
 //! Blocking work (git2, age, bcrypt, fsync) runs in `spawn_blocking`; HTTP (probes,
 //! reloads) is async on tokio.
 
+pub mod audit;
 pub mod cli;
 pub mod commands;
 pub mod config;
@@ -35,6 +37,7 @@ pub mod deliver;
 pub mod fsutil;
 pub mod history;
 pub mod metrics;
+pub mod rekey;
 pub mod rotation;
 pub mod secret;
 pub mod signing;

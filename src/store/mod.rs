@@ -256,6 +256,11 @@ impl Store {
         &self.keys
     }
 
+    /// The commit signer, when `store.signing_key` is set.
+    pub fn signer(&self) -> Option<&Signer> {
+        self.signer.as_deref()
+    }
+
     pub fn repo(&self) -> Result<Repository, Error> {
         Ok(Repository::open(&self.cfg.path)?)
     }
