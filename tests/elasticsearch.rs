@@ -768,3 +768,57 @@ fn changed_permissions_before_8_4_rotate_instead() {
     let h = s.env.history_json(Some(NAME));
     assert!(h.iter().all(|e| e["step"] != "updated"));
 }
+
+#[test]
+fn a_slow_cluster_times_out_and_recovery_finishes_the_rollback() {
+    let s = Setup::new(Cluster::emulated(), "0s");
+    let sched = s.env.schedules.join(format!("{NAME}.toml"));
+    let text = std::fs::read_to_string(&sched)
+        .unwrap()
+        .replace("timeout = \"5s\"", "timeout = \"1s\"");
+    std::fs::write(&sched, text).unwrap();
+    // Every answer comes after the client gave up. rotd cannot even confirm that no key
+    // was made (the look-up by the name `rotd-NAME-ROTATION` times out too), so it keeps
+    // the pending record and says so (exit 2), or rolls back (exit 1).
+    s.cluster
+        .emu()
+        .faults()
+        .set_delay(std::time::Duration::from_millis(1500));
+    let o = s.rotate();
+    let code = o.status.code();
+    assert!(
+        code == Some(1) || code == Some(2),
+        "{code:?}: {}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    assert!(
+        format!("{}{}", stdout(&o), stderr(&o)).contains("timed out"),
+        "{}",
+        stdout(&o)
+    );
+    eprintln!(
+        "slow cluster: exit {code:?}, {} rotd key(s) on the cluster",
+        s.cluster.keys().len()
+    );
+    s.cluster
+        .emu()
+        .faults()
+        .set_delay(std::time::Duration::ZERO);
+    // The next command that takes the lock finishes the rollback.
+    let o = s.env.rotd(&["retire"]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert!(!s
+        .env
+        .head_files()
+        .iter()
+        .any(|f| f.ends_with(".pending.age")));
+    let valid = s.valid_keys();
+    assert_eq!(
+        valid.len(),
+        1,
+        "only the original key stays valid: {:?}",
+        valid.iter().map(|k| &k.id).collect::<Vec<_>>()
+    );
+    assert_eq!(valid[0].id, s.initial.0);
+}
