@@ -822,3 +822,47 @@ fn a_slow_cluster_times_out_and_recovery_finishes_the_rollback() {
     );
     assert_eq!(valid[0].id, s.initial.0);
 }
+
+#[test]
+fn the_daemon_applies_a_permission_change_on_reload_in_place() {
+    let s = Setup::new(Cluster::emulated(), "0s");
+    let o = s.rotate();
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let id = std::fs::read_to_string(s.out.join("key_id")).unwrap();
+    let log = std::fs::File::create(s.env.path("daemon.log")).unwrap();
+    let mut daemon = s
+        .env
+        .cmd(&["run"])
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let socket = s.env.path("rotd.sock");
+    wait_until(
+        "the control socket",
+        std::time::Duration::from_secs(20),
+        || std::os::unix::net::UnixStream::connect(&socket).is_ok(),
+    );
+    change_permissions(&s);
+    wait_until(
+        "the in-place update",
+        std::time::Duration::from_secs(10),
+        || {
+            s.env
+                .history_json(Some(NAME))
+                .first()
+                .is_some_and(|e| e["step"] == "updated")
+        },
+    );
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let h = s.env.history_json(Some(NAME));
+    assert_eq!(h[0]["trigger"], "reload");
+    assert_eq!(
+        std::fs::read_to_string(s.out.join("key_id")).unwrap(),
+        id,
+        "same key"
+    );
+    let p = live_key_privileges(&s);
+    assert_eq!(p["index"][OTHER_DS]["create_doc"], json!(true), "{p}");
+}

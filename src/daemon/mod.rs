@@ -526,6 +526,23 @@ fn reload(shared: &Arc<Shared>, tasks: &mut HashMap<String, JoinHandle<()>>) -> 
     }
     *tasks = plan(shared);
     tracing::info!(schedules = n, errors, config = %shared.config_path.display(), "schedules reloaded");
+    // A permission change applies now (in place where the target allows), not at the
+    // next scheduled rotation.
+    let new = shared.config();
+    for s in &new.schedules {
+        let changed = old
+            .schedule(&s.name)
+            .is_some_and(|o| s.target.permissions_changed(&o.target, &s.name));
+        if changed {
+            tracing::info!(secret = %s.name, "permissions changed; updating the live credential");
+            let sh = shared.clone();
+            let name = s.name.clone();
+            tokio::spawn(async move {
+                let r = sh.rotate(&name, Trigger::Reload).await;
+                tracing::info!(secret = %name, outcome = ?r.as_ref().map(|o| o.label()), "permission change applied");
+            });
+        }
+    }
     format!("{n} schedule(s) loaded, {errors} error(s)")
 }
 

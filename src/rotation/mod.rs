@@ -56,7 +56,13 @@ pub enum Error {
 #[derive(Debug, Clone)]
 pub enum Trigger {
     Schedule,
-    Manual { uid: u32, user: Option<String> },
+    Manual {
+        uid: u32,
+        user: Option<String>,
+    },
+    /// The daemon re-read a schedule whose target settings changed (e.g. an API key's
+    /// permissions): the target is brought in line, in place where it can be.
+    Reload,
     Recovery,
 }
 
@@ -66,6 +72,7 @@ impl std::fmt::Display for Trigger {
             Trigger::Schedule => f.write_str("schedule"),
             Trigger::Manual { uid, user: Some(u) } => write!(f, "manual uid={uid} user={u}"),
             Trigger::Manual { uid, user: None } => write!(f, "manual uid={uid}"),
+            Trigger::Reload => f.write_str("reload"),
             Trigger::Recovery => f.write_str("recovery"),
         }
     }

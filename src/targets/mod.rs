@@ -59,6 +59,17 @@ pub enum Config {
 }
 
 impl Config {
+    /// Whether going from `old` to `self` changes what a live credential may do, so
+    /// that the daemon must bring the live credential in line at once.
+    pub fn permissions_changed(&self, old: &Config, name: &str) -> bool {
+        match (self, old) {
+            (Config::Elasticsearch(new), Config::Elasticsearch(old)) => {
+                new.permissions_hash(name) != old.permissions_hash(name)
+            }
+            _ => false,
+        }
+    }
+
     pub(crate) fn from_raw(
         raw: &Spanned<RawTarget>,
         probe: &config::Probe,
