@@ -1123,7 +1123,11 @@ pub(crate) fn enc(s: &str) -> String {
     out
 }
 
-/// "METHOD /path answered HTTP 500: type: reason".
+/// "METHOD /path answered HTTP 401: security_exception: reason (…); what to do".
+/// ES error bodies (`{"error":{"root_cause":[…],"type":…,"reason":…},"status":…}`)
+/// are summarised: the type and reason (for a 403 these name the action and the
+/// privileges that would grant it), `additional_unsuccessful_credentials` of a 401,
+/// and a hint per status. The body never holds the credential itself.
 pub(crate) fn describe_error(
     method: &reqwest::Method,
     path: &str,
@@ -1131,7 +1135,7 @@ pub(crate) fn describe_error(
     v: &Value,
 ) -> String {
     let err = &v["error"];
-    let detail = match (err["type"].as_str(), err["reason"].as_str()) {
+    let mut detail = match (err["type"].as_str(), err["reason"].as_str()) {
         (Some(t), Some(r)) => format!(": {t}: {r}"),
         (Some(t), None) => format!(": {t}"),
         _ => match err.as_str() {
@@ -1139,7 +1143,76 @@ pub(crate) fn describe_error(
             None => String::new(),
         },
     };
-    format!("{method} {path} answered HTTP {status}{detail}")
+    if let Some(extra) = err["additional_unsuccessful_credentials"].as_str() {
+        detail.push_str(&format!(" ({extra})"));
+    }
+    if let Some(cause) = err["caused_by"]["reason"].as_str() {
+        detail.push_str(&format!(" (caused by: {cause})"));
+    }
+    let hint = match status {
+        401 => "; the credential was refused: check that the admin credential in the store is current and the key is neither invalidated nor expired",
+        403 => "; the credential lacks a privilege: grant the one named above to the admin, or narrow [[target.permissions]]",
+        404 => "; not found",
+        409 => "; conflict with an existing document or key",
+        429 => "; the cluster is rejecting requests (overloaded)",
+        s if s >= 500 => "; the cluster failed",
+        _ => "",
+    };
+    format!("{method} {path} answered HTTP {status}{detail}{hint}")
+}
+
+#[cfg(test)]
+mod error_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn error_shapes_are_described_with_their_fix() {
+        let m = reqwest::Method::POST;
+        let e = describe_error(
+            &m,
+            "/_security/api_key",
+            401,
+            &json!({"error":{"root_cause":[],"type":"security_exception","reason":"unable to authenticate with provided credentials and anonymous access is not allowed for this request","additional_unsuccessful_credentials":"API key: api key [x] has been invalidated"},"status":401}),
+        );
+        assert!(
+            e.contains("security_exception")
+                && e.contains("has been invalidated")
+                && e.contains("check that the admin credential"),
+            "{e}"
+        );
+        let e = describe_error(
+            &m,
+            "/logs/_doc",
+            403,
+            &json!({"error":{"type":"security_exception","reason":"action [indices:data/write/bulk[s]] is unauthorized for API key id [k] of user [u] on indices [logs], this action is granted by the index privileges [create_doc,create,index,write,all]"},"status":403}),
+        );
+        assert!(
+            e.contains("indices:data/write/bulk[s]")
+                && e.contains("create_doc,create")
+                && e.contains("grant the one named above"),
+            "{e}"
+        );
+        let e = describe_error(
+            &m,
+            "/_security/api_key",
+            400,
+            &json!({"error":{"type":"action_request_validation_exception","reason":"Validation Failed: 1: api key name is required;"},"status":400}),
+        );
+        assert!(
+            e.contains("HTTP 400: action_request_validation_exception: Validation Failed"),
+            "{e}"
+        );
+        let e = describe_error(
+            &m,
+            "/x",
+            409,
+            &json!({"error":{"type":"version_conflict_engine_exception","reason":"document already exists"}}),
+        );
+        assert!(e.contains("conflict"), "{e}");
+        let e = describe_error(&m, "/x", 503, &json!("not json at all"));
+        assert!(e.contains("HTTP 503; the cluster failed"), "{e}");
+    }
 }
 
 fn implied(declared: &[String], p: &str, implies: fn(&str, &str) -> bool) -> bool {
