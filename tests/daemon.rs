@@ -450,3 +450,49 @@ fn a_thousand_schedules_idle_without_polling() {
         "RSS grew while idle: {rss_before} -> {rss_after} KiB"
     );
 }
+
+#[test]
+fn a_recipient_added_while_the_daemon_runs_can_decrypt_after_the_automatic_rekey() {
+    let env = TestEnv::new();
+    files_schedule(&env, "apm-token", "0 0 4 * * *", "");
+    let _d = start(&env);
+    let o = env.rotd(&["rotate", "apm-token"]);
+    assert!(o.status.success());
+    let newcomer = env.path("keys/newcomer.agekey");
+    let o = std::process::Command::new("age-keygen")
+        .arg("-o")
+        .arg(&newcomer)
+        .output()
+        .unwrap();
+    let public = String::from_utf8_lossy(&o.stderr)
+        .trim()
+        .trim_start_matches("Public key: ")
+        .to_owned();
+    let recipients = env.path("keys/recipients");
+    let mut text = std::fs::read_to_string(&recipients).unwrap();
+    text.push_str(&format!("{public}\n"));
+    std::fs::write(&recipients, text).unwrap();
+    wait_until("the rekey commit", Duration::from_secs(10), || {
+        stdout(&git(&env.store, &["log", "-1", "--format=%B"])).contains("Rotd-Step: rekeyed")
+    });
+    let d = std::process::Command::new("age")
+        .arg("-d")
+        .arg("-i")
+        .arg(&newcomer)
+        .arg(env.store.join("secrets/apm-token.age"))
+        .output()
+        .unwrap();
+    assert!(d.status.success(), "{}", stderr(&d));
+    assert_eq!(stdout(&d).lines().next().unwrap(), env.show("apm-token"));
+    // The daemon goes on with the new keys: a rotation is readable by the newcomer too.
+    let o = env.rotd(&["rotate", "apm-token"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let d = std::process::Command::new("age")
+        .arg("-d")
+        .arg("-i")
+        .arg(&newcomer)
+        .arg(env.store.join("secrets/apm-token.age"))
+        .output()
+        .unwrap();
+    assert!(d.status.success());
+}

@@ -78,12 +78,15 @@ pub enum Command {
         reply: Option<oneshot::Sender<String>>,
     },
     Retire,
+    /// The recipients file changed: re-encrypt every secret to the new set.
+    Rekey,
 }
 
 struct Shared {
     config_path: PathBuf,
     config: RwLock<Arc<Config>>,
-    store: Arc<Store>,
+    /// Replaced when the recipients file changes (the keys are part of the store).
+    store: RwLock<Arc<Store>>,
     metrics: Metrics,
     next_runs: Mutex<BTreeMap<String, DateTime<Utc>>>,
     schedule_errors: Mutex<Vec<Problem>>,
@@ -102,8 +105,12 @@ impl Shared {
             .clone()
     }
 
+    fn store(&self) -> Arc<Store> {
+        self.store.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     fn engine(&self) -> Engine {
-        Engine::new(self.config(), self.store.clone())
+        Engine::new(self.config(), self.store())
     }
 
     /// Rotates one secret, or joins the rotation of it already running.
@@ -167,7 +174,7 @@ impl Shared {
 
     /// Sets a timer for the secret's pending retirement, read from its record.
     fn schedule_retire_from_store(self: &Arc<Self>, name: &str) {
-        let store = self.store.clone();
+        let store = self.store();
         let name = name.to_owned();
         let tx = self.tx.clone();
         tokio::spawn(async move {
@@ -200,7 +207,7 @@ impl Shared {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let mut r = crate::status::report(&cfg, &self.store, |s| next.get(&s.name).copied())?;
+        let mut r = crate::status::report(&cfg, &self.store(), |s| next.get(&s.name).copied())?;
         r.schedule_errors = self
             .schedule_errors
             .lock()
@@ -296,7 +303,7 @@ pub async fn run(config_path: PathBuf, shutdown: impl Future<Output = ()>) -> Re
     let shared = Arc::new(Shared {
         config_path: config_path.clone(),
         config: RwLock::new(cfg.clone()),
-        store: store.clone(),
+        store: RwLock::new(store.clone()),
         metrics: Metrics::default(),
         next_runs: Mutex::new(BTreeMap::new()),
         schedule_errors: Mutex::new(problems),
@@ -325,7 +332,18 @@ pub async fn run(config_path: PathBuf, shutdown: impl Future<Output = ()>) -> Re
         ),
         None => None,
     };
-    let _watcher = watch_schedules(&cfg.daemon.schedules, tx.clone())?;
+    let _watcher = watch_dir(&cfg.daemon.schedules, None, tx.clone(), || {
+        Command::Reload { reply: None }
+    })?;
+    let _recipients_watcher = match &cfg.store.recipients {
+        Some(file) => Some(watch_dir(
+            file.parent().unwrap_or(Path::new(".")),
+            file.file_name().map(|n| n.to_owned()),
+            tx.clone(),
+            || Command::Rekey,
+        )?),
+        None => None,
+    };
     let mut tasks = plan(&shared);
     startup_rotations(&shared);
     for s in &cfg.schedules {
@@ -392,6 +410,10 @@ pub async fn run(config_path: PathBuf, shutdown: impl Future<Output = ()>) -> Re
                 Some(Command::Retire) => {
                     let sh = shared.clone();
                     tokio::spawn(async move { retire(sh).await });
+                }
+                Some(Command::Rekey) => {
+                    let sh = shared.clone();
+                    tokio::spawn(async move { rekey(sh).await });
                 }
             }
         }
@@ -578,17 +600,26 @@ async fn sighup(tx: mpsc::Sender<Command>) {
     }
 }
 
-/// Watches the schedules directory; bursts of events (editors write, rename, chmod)
-/// are debounced into one reload.
-fn watch_schedules(
+/// Watches a directory (only events on `file` when given); bursts of events (editors
+/// write, rename, chmod) are debounced into one `make()` command.
+fn watch_dir(
     dir: &Path,
+    file: Option<std::ffi::OsString>,
     tx: mpsc::Sender<Command>,
+    make: fn() -> Command,
 ) -> Result<notify::RecommendedWatcher, Error> {
     use notify::Watcher;
     let (etx, mut erx) = mpsc::unbounded_channel::<()>();
     let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(ev) = res {
-            if !ev.kind.is_access() {
+            let relevant = match &file {
+                None => true,
+                Some(f) => ev
+                    .paths
+                    .iter()
+                    .any(|p| p.file_name() == Some(f.as_os_str())),
+            };
+            if relevant && !ev.kind.is_access() {
                 let _ = etx.send(());
             }
         }
@@ -608,12 +639,46 @@ fn watch_schedules(
             while let Ok(Some(())) =
                 tokio::time::timeout(Duration::from_millis(300), erx.recv()).await
             {}
-            if tx.send(Command::Reload { reply: None }).await.is_err() {
+            if tx.send(make()).await.is_err() {
                 return;
             }
         }
     });
     Ok(w)
+}
+
+/// Reloads the keys (a new recipients file) and re-encrypts every secret in one commit.
+async fn rekey(shared: Arc<Shared>) {
+    let cfg = shared.config().store.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let store = Arc::new(Store::open(&cfg)?);
+        let recorded = store.head_bytes(".age-recipients")?;
+        if recorded.as_deref() == Some(store.keys().recipients_file().as_bytes()) {
+            return Ok((store, None)); // touched, not changed
+        }
+        let r = crate::rekey::rekey(&store)?;
+        Ok::<_, crate::store::Error>((store, Some(r)))
+    })
+    .await;
+    match result {
+        Ok(Ok((_, None))) => {}
+        Ok(Ok((store, Some(r)))) => {
+            *shared.store.write().unwrap_or_else(|p| p.into_inner()) = store;
+            tracing::info!(
+                files = r.files,
+                added = r.added.len(),
+                removed = r.removed.len(),
+                "recipients changed: secrets re-encrypted"
+            );
+            if !r.removed.is_empty() {
+                tracing::warn!("a recipient was removed: rotate every secret (`rotd rotate --all`); `rotd verify` lists the ones still readable by the removed key");
+            }
+        }
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "recipients changed but the rekey failed; the secrets stay encrypted to the previous recipients")
+        }
+        Err(e) => tracing::error!(error = %e, "rekey task failed"),
+    }
 }
 
 fn bind_control(cfg: &Config) -> Result<tokio::net::UnixListener, Error> {
