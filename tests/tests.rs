@@ -353,7 +353,7 @@ fn a_second_instance_joins_the_shared_remote_and_sees_the_first_ones_rotations()
         .replace("path = \"store\"", "path = \"store-b\"");
     std::fs::write(&b_cfg, text).unwrap();
     let run_b = |args: &[&str]| {
-        std::process::Command::new(ROTD)
+        std::process::Command::new(rotd_bin())
             .arg("--config")
             .arg(&b_cfg)
             .args(args)

@@ -9,7 +9,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-pub const ROTD: &str = env!("CARGO_BIN_EXE_rotd");
+/// The rotd binary under test: this build's, or `$ROTD_BIN` (e.g. a release build,
+/// to time it: `ROTD_BIN=target/release/rotd cargo test --test audit -- --nocapture`).
+pub fn rotd_bin() -> std::path::PathBuf {
+    std::env::var_os("ROTD_BIN")
+        .map(Into::into)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_rotd").into())
+}
 
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -124,7 +130,7 @@ impl TestEnv {
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(ROTD);
+        let mut c = Command::new(rotd_bin());
         c.arg("--config")
             .arg(&self.config)
             .args(args)
