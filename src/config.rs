@@ -561,17 +561,28 @@ pub fn load_schedule(file: &Path, problems: &mut Vec<Problem>) -> Option<Schedul
             return None;
         }
     };
-    let raw: RawSchedule = match toml::from_str(&text) {
+    parse_schedule_str(&text, file, problems)
+}
+
+/// Parses the text of schedule file `file` (its name must be `NAME.toml`; relative
+/// paths in it are taken from its directory); problems go to `problems`. This is
+/// [`load_schedule`] without the read, for tests and the fuzz targets.
+pub fn parse_schedule_str(
+    text: &str,
+    file: &Path,
+    problems: &mut Vec<Problem>,
+) -> Option<Schedule> {
+    let raw: RawSchedule = match toml::from_str(text) {
         Ok(r) => r,
         Err(e) => {
-            problems.push(toml_problem(file, &text, &e));
+            problems.push(toml_problem(file, text, &e));
             return None;
         }
     };
     let before = problems.len();
     let mut rep = Reporter {
         file,
-        text: &text,
+        text,
         problems,
     };
     let name = raw.name.get_ref().clone();
