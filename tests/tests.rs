@@ -379,3 +379,17 @@ fn a_second_instance_joins_the_shared_remote_and_sees_the_first_ones_rotations()
         stdout(&git(&a.store, &["rev-parse", "HEAD"]))
     );
 }
+
+#[test]
+fn changes_left_staged_by_an_interrupted_commit_never_ride_along() {
+    let env = TestEnv::new();
+    files_schedule(&env, "");
+    // As if a commit had been interrupted after staging: a file in the index only.
+    std::fs::write(env.store.join("secrets/stray.age"), "not from rotd").unwrap();
+    assert!(git(&env.store, &["add", "secrets/stray.age"])
+        .status
+        .success());
+    rotd_ok(&env, &["rotate", "apm-token"]);
+    let files = env.head_files();
+    assert_eq!(files, vec!["secrets/apm-token.age"], "{files:?}");
+}

@@ -716,7 +716,7 @@ impl Engine {
         let store = self.store.clone();
         let n = sched.name.clone();
         let (pending, current) = blocking(move || {
-            store.reset_worktree()?;
+            store.reset_secret(&n)?;
             Ok((
                 store.read(&n, Slot::Pending)?,
                 store.read(&n, Slot::Current)?,

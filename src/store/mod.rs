@@ -390,7 +390,12 @@ impl Store {
             .workdir()
             .ok_or_else(|| Error::NotInitialised(self.cfg.path.clone()))?
             .to_owned();
+        // Start from HEAD's tree, so that nothing an interrupted commit left staged
+        // rides along with this one.
         let mut index = repo.index()?;
+        if let Ok(head) = repo.head() {
+            index.read_tree(&head.peel_to_tree()?)?;
+        }
         for c in &changes {
             match c {
                 Change::Put { path, bytes } => {
@@ -451,6 +456,30 @@ impl Store {
         let mut index = repo.index()?;
         index.read_tree(&head_tree)?;
         index.write()?;
+        Ok(())
+    }
+
+    /// Makes the work-tree files of one secret equal to HEAD (cheap: two paths), for
+    /// the rotation of that secret; [`Store::reset_worktree`] is the full version used
+    /// at start-up.
+    pub fn reset_secret(&self, name: &str) -> Result<(), Error> {
+        let _lock = self.lock_store()?;
+        let repo = self.repo()?;
+        let Some(workdir) = repo.workdir().map(Path::to_owned) else {
+            return Ok(());
+        };
+        for slot in [Slot::Current, Slot::Pending] {
+            let path = rel_path(name, slot);
+            let full = workdir.join(&path);
+            match self.read_head_file(&repo, &path)? {
+                Some(bytes) => {
+                    if fsutil::read_optional(&full)?.as_deref() != Some(bytes.as_slice()) {
+                        fsutil::write_atomic(&full, &bytes, 0o600)?;
+                    }
+                }
+                None => fsutil::remove_durable(&full)?,
+            }
+        }
         Ok(())
     }
 
