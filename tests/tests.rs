@@ -385,6 +385,7 @@ fn changes_left_staged_by_an_interrupted_commit_never_ride_along() {
     let env = TestEnv::new();
     files_schedule(&env, "");
     // As if a commit had been interrupted after staging: a file in the index only.
+    std::fs::create_dir_all(env.store.join("secrets")).unwrap();
     std::fs::write(env.store.join("secrets/stray.age"), "not from rotd").unwrap();
     assert!(git(&env.store, &["add", "secrets/stray.age"])
         .status
