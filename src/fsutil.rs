@@ -48,7 +48,11 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), Error> {
         .ok_or_else(|| err(io::Error::new(io::ErrorKind::InvalidInput, "no file name")))?;
     remove_stale_temps(dir, name.to_string_lossy().as_ref());
     let suffix = hex::encode(crate::secret::random_bytes(6).map_err(|e| err(io::Error::other(e)))?);
-    let tmp = dir.join(format!("{TMP_PREFIX}{}.{suffix}", name.to_string_lossy()));
+    let tmp = dir.join(format!(
+        "{TMP_PREFIX}{}.{}.{suffix}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let result = (|| {
         let mut f = OpenOptions::new()
             .write(true)
@@ -92,14 +96,30 @@ pub fn remove_durable(path: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// Temp files of earlier writes to the same target that a crash left behind.
+/// Temp files of earlier writes to the same target that a crash left behind: those
+/// of processes that no longer exist. Another live process may be writing the same
+/// file right now; its temp file is left alone.
 fn remove_stale_temps(dir: &Path, name: &str) {
     let prefix = format!("{TMP_PREFIX}{name}.");
-    if let Ok(entries) = fs::read_dir(dir) {
-        for e in entries.flatten() {
-            if e.file_name().to_string_lossy().starts_with(&prefix) {
-                let _ = fs::remove_file(e.path());
-            }
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = file.strip_prefix(&prefix) else {
+            continue;
+        };
+        let pid = rest.split('.').next().and_then(|p| p.parse::<i32>().ok());
+        let dead = match pid {
+            Some(p) if p as u32 == std::process::id() => false,
+            Some(p) => matches!(
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None),
+                Err(nix::errno::Errno::ESRCH)
+            ),
+            None => true, // not a name this version writes
+        };
+        if dead {
+            let _ = fs::remove_file(e.path());
         }
     }
 }
@@ -161,9 +181,13 @@ mod tests {
     #[test]
     fn stale_temps_are_cleaned() {
         let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join(".rotd-tmp-f.abc"), "leftover").unwrap();
+        // A dead process's leftover goes; a live writer's temp file stays.
+        fs::write(dir.path().join(".rotd-tmp-f.999999999.abc"), "leftover").unwrap();
+        let live = format!(".rotd-tmp-f.{}.def", std::os::unix::process::parent_id());
+        fs::write(dir.path().join(&live), "in progress").unwrap();
         write_atomic(&dir.path().join("f"), b"x", 0o600).unwrap();
-        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+        assert!(!dir.path().join(".rotd-tmp-f.999999999.abc").exists());
+        assert!(dir.path().join(&live).exists());
     }
 
     #[test]

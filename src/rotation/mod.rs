@@ -163,6 +163,10 @@ impl Outcome {
     }
 }
 
+/// After this long, a pending rotation of another instance is taken to be abandoned
+/// (no rotation takes an hour) and any instance may roll it back.
+const FOREIGN_PENDING_STALE: chrono::Duration = chrono::Duration::hours(1);
+
 /// The steps after which the test hook `ROTD_FAULT_KILL_AFTER=<step>` kills rotd.
 /// (`created` also exists: after a target made a credential, before its commit.)
 pub const STEPS: &[&str] = &["pending", "apply", "deliver", "probe", "commit"];
@@ -268,10 +272,14 @@ impl Engine {
         let lock_name = name.to_owned();
         let _lock = blocking(move || store.lock_secret(&lock_name, true)).await?;
 
-        // 1 plan
-        self.recover_locked(&sched).await?;
+        // 1 plan: catch up with the remote first, so that a rotation another instance
+        // has in flight is seen (and not rotated over).
         let store = self.store.clone();
-        if !blocking(move || store.sync_from_remote()).await? {
+        let synced = blocking(move || store.sync_from_remote()).await?;
+        if let Some(o @ Outcome::Aborted { .. }) = self.recover_locked(&sched).await? {
+            return Ok(o);
+        }
+        if !synced {
             tracing::warn!(
                 secret = name,
                 "store remote unreachable; rotating on the local store, pushing later"
@@ -310,7 +318,8 @@ impl Engine {
         let new_secret = secret::generate(sched.length, sched.charset)?;
         let mut pending = Record::new(new_secret)
             .with(key::CREATED, now_rfc3339())
-            .with(key::ROTATION, &rotation);
+            .with(key::ROTATION, &rotation)
+            .with(key::INSTANCE, self.store.instance_id());
         if let Some(u) = &plan.username {
             pending.set(key::USERNAME, u);
         }
@@ -704,8 +713,12 @@ impl Engine {
             let store = self.store.clone();
             let n = name.clone();
             let _lock = blocking(move || store.lock_secret(&n, true)).await?;
-            if let Some(o) = self.recover_locked(&sched).await? {
-                out.push((name, o));
+            match self.recover_locked(&sched).await? {
+                Some(Outcome::Aborted { reason }) => {
+                    tracing::info!(secret = %name, %reason, "left alone")
+                }
+                Some(o) => out.push((name, o)),
+                None => {}
             }
         }
         Ok(out)
@@ -727,6 +740,28 @@ impl Engine {
             return Ok(None);
         };
         let rotation = pending.get(key::ROTATION).unwrap_or("unknown").to_owned();
+        // Another instance's rotation that may still be running is not ours to undo;
+        // one that has been pending for longer than any rotation takes is abandoned.
+        if let Some(owner) = pending
+            .get(key::INSTANCE)
+            .filter(|o| *o != self.store.instance_id())
+        {
+            let started = pending
+                .get(key::CREATED)
+                .and_then(|c| chrono::DateTime::parse_from_rfc3339(c).ok());
+            let fresh = started.is_some_and(|t| {
+                chrono::Utc::now().signed_duration_since(t) < FOREIGN_PENDING_STALE
+            });
+            if fresh {
+                return Ok(Some(Outcome::Aborted {
+                    reason: format!(
+                        "another rotd instance ({owner}) is rotating {} (rotation {rotation}); nothing was changed",
+                        sched.name
+                    ),
+                }));
+            }
+            tracing::warn!(secret = %sched.name, %owner, "a rotation of another instance has been pending for over an hour; taking it over to roll it back");
+        }
         tracing::warn!(secret = %sched.name, rotation = %rotation, "found an unfinished rotation; rolling it back");
         let mut left = Vec::new();
         if let Err(e) = self.redeliver(sched, &pending, current.as_ref()).await {

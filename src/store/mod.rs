@@ -248,6 +248,15 @@ impl Store {
         Ok(report)
     }
 
+    /// This instance's name in pending records: `host:store path`.
+    pub fn instance_id(&self) -> String {
+        let host = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "localhost".into());
+        format!("{host}:{}", self.cfg.path.display())
+    }
+
     pub fn config(&self) -> &config::Store {
         &self.cfg
     }
@@ -531,8 +540,11 @@ impl Store {
 
     /// Pushes the branch to the remote (when one is configured).
     pub fn push(&self) -> Result<Push, Error> {
-        if self.cfg.remote.is_none() {
+        let Some(url) = self.cfg.remote.clone() else {
             return Ok(Push::NoRemote);
+        };
+        if let Some(path) = local_remote_path(&url) {
+            return self.push_local(&path);
         }
         let repo = self.repo()?;
         let mut remote = repo.find_remote("origin")?;
@@ -572,8 +584,94 @@ impl Store {
             {
                 Ok(Push::Rejected(e.message().to_owned()))
             }
+            Err(e) => {
+                // Not every transport reports a lost compare-and-swap as a rejection
+                // (a local remote may fail to lock or update the ref). If the remote
+                // can be read and has moved past us, it was a rejection.
+                drop(remote);
+                match self.remote_has_moved(&repo) {
+                    Some(true) => Ok(Push::Rejected(e.message().to_owned())),
+                    _ => Ok(Push::Unreachable(e.message().to_owned())),
+                }
+            }
+        }
+    }
+
+    /// Push to a repository on a local path, as a true compare-and-swap.
+    ///
+    /// libgit2's local transport force-writes the remote ref after a fast-forward check
+    /// made earlier, so two pushers can both "win". Network remotes (git-receive-pack)
+    /// compare-and-swap the ref themselves; here rotd does it: the objects go to a
+    /// private ref first, then the branch moves only if it still is where this clone
+    /// last saw it (`refs/remotes/origin/BRANCH`), under the remote's ref lock.
+    fn push_local(&self, remote_path: &Path) -> Result<Push, Error> {
+        let repo = self.repo()?;
+        let Ok(head) = repo.head().and_then(|h| h.peel_to_commit()) else {
+            return Ok(Push::Pushed);
+        };
+        let b = &self.cfg.branch;
+        let branch = format!("refs/heads/{b}");
+        let tracking = format!("refs/remotes/origin/{b}");
+        let expected = repo.refname_to_id(&tracking).ok();
+        let remote_repo = match Repository::open_bare(remote_path) {
+            Ok(r) => r,
+            Err(e) => return Ok(Push::Unreachable(e.message().to_owned())),
+        };
+        let current = remote_repo.refname_to_id(&branch).ok();
+        if current == Some(head.id()) {
+            return Ok(Push::Pushed);
+        }
+        if current != expected {
+            return Ok(Push::Rejected(format!(
+                "the remote {branch} moved since this clone last fetched it"
+            )));
+        }
+        let incoming = format!("refs/rotd/incoming/{}-{}", std::process::id(), head.id());
+        let mut remote = repo.find_remote("origin")?;
+        let spec = format!("+{}:{incoming}", head.id());
+        if let Err(e) = remote.push(&[spec.as_str()], None) {
+            return Ok(Push::Unreachable(e.message().to_owned()));
+        }
+        let moved = match expected {
+            Some(old) => remote_repo.reference_matching(&branch, head.id(), true, old, "rotd push"),
+            None => remote_repo.reference(&branch, head.id(), false, "rotd push"),
+        };
+        if let Ok(mut r) = remote_repo.find_reference(&incoming) {
+            let _ = r.delete();
+        }
+        match moved {
+            Ok(_) => {
+                repo.reference(&tracking, head.id(), true, "rotd push")?;
+                Ok(Push::Pushed)
+            }
+            Err(e)
+                if matches!(
+                    e.code(),
+                    git2::ErrorCode::Modified | git2::ErrorCode::Exists | git2::ErrorCode::Locked
+                ) =>
+            {
+                Ok(Push::Rejected(e.message().to_owned()))
+            }
             Err(e) => Ok(Push::Unreachable(e.message().to_owned())),
         }
+    }
+
+    /// Fetches the remote branch: Some(true) when it holds commits that HEAD does not
+    /// contain, None when the remote cannot be read.
+    fn remote_has_moved(&self, repo: &Repository) -> Option<bool> {
+        let mut remote = repo.find_remote("origin").ok()?;
+        let mut fo = git2::FetchOptions::new();
+        fo.remote_callbacks(self.callbacks());
+        let b = &self.cfg.branch;
+        let refspec = format!("+refs/heads/{b}:refs/remotes/origin/{b}");
+        remote
+            .fetch(&[refspec.as_str()], Some(&mut fo), None)
+            .ok()?;
+        let theirs = repo
+            .refname_to_id(&format!("refs/remotes/origin/{b}"))
+            .ok()?;
+        let ours = repo.head().ok()?.peel_to_commit().ok()?.id();
+        Some(theirs != ours && !repo.graph_descendant_of(ours, theirs).unwrap_or(false))
     }
 
     /// Fetches the remote branch and fast-forwards to it when this clone is behind.
@@ -649,6 +747,18 @@ fn load_signer(cfg: &config::Store) -> Result<Option<Arc<Signer>>, Error> {
     }
 }
 
+/// The path of a remote that is a repository on this machine (`/path`, `file://…`).
+fn local_remote_path(url: &str) -> Option<PathBuf> {
+    if let Some(p) = url.strip_prefix("file://") {
+        return Some(PathBuf::from(p));
+    }
+    if url.contains("://") || (url.contains(':') && !url.starts_with('/') && !url.starts_with('.'))
+    {
+        return None; // scp-like `host:path` or a network URL
+    }
+    Some(PathBuf::from(url))
+}
+
 /// Creates a directory (and parents) with mode 0700 for the ones it creates.
 fn create_private_dir(dir: &Path) -> Result<(), Error> {
     use std::os::unix::fs::DirBuilderExt;
@@ -674,4 +784,28 @@ pub struct InitReport {
     pub repo_created: bool,
     pub committed: bool,
     pub push: Option<Push>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_remotes_are_told_from_network_ones() {
+        assert_eq!(
+            local_remote_path("/srv/secrets.git"),
+            Some(PathBuf::from("/srv/secrets.git"))
+        );
+        assert_eq!(
+            local_remote_path("file:///srv/s.git"),
+            Some(PathBuf::from("/srv/s.git"))
+        );
+        assert_eq!(
+            local_remote_path("./remote.git"),
+            Some(PathBuf::from("./remote.git"))
+        );
+        assert_eq!(local_remote_path("ssh://git@host/ops/s.git"), None);
+        assert_eq!(local_remote_path("git@host:ops/s.git"), None);
+        assert_eq!(local_remote_path("https://host/ops/s.git"), None);
+    }
 }

@@ -32,6 +32,9 @@ pub mod key {
     /// In a pending record: the idle user's web-config hash before the rotation
     /// (`none` when it had none), so that a recovery can restore it exactly.
     pub const RESTORE_HASH: &str = "restore-hash";
+    /// In a pending record: the rotd instance (`host:store path`) running the rotation.
+    /// Recovery leaves a fresh pending record of another instance alone.
+    pub const INSTANCE: &str = "instance";
     /// An Elasticsearch API key: sha256 (hex) of the canonical JSON of the role
     /// descriptors it was created or last updated with.
     pub const PERMISSIONS: &str = "permissions";
