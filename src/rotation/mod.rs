@@ -329,20 +329,9 @@ impl Engine {
         let mut fp = self.store.fingerprint(&pending.secret);
         let msg = Self::message(&sched, "pending", &rotation, &trigger, Some(&pending))
             .trailer("Rotd-Fingerprint", &fp);
-        let store = self.store.clone();
-        let rec = pending.clone();
-        let n = name.to_owned();
-        let pending_commit = blocking(move || {
-            let bytes = store.encrypt_record(&rec)?;
-            store.commit(
-                vec![Change::Put {
-                    path: rel_path(&n, Slot::Pending),
-                    bytes,
-                }],
-                &msg,
-            )
-        })
-        .await?;
+        let pending_commit = self
+            .commit_record(name, Slot::Pending, &pending, Vec::new(), msg)
+            .await?;
         let store = self.store.clone();
         match blocking(move || store.push()).await? {
             Push::Rejected(reason) => {
@@ -387,21 +376,9 @@ impl Engine {
                 if let Some(k) = pending.key_id() {
                     msg = msg.trailer("Rotd-Key-Id", k);
                 }
-                let store = self.store.clone();
-                let rec = pending.clone();
-                let n = name.to_owned();
-                blocking(move || {
-                    let bytes = store.encrypt_record(&rec)?;
-                    store.commit(
-                        vec![Change::Put {
-                            path: rel_path(&n, Slot::Pending),
-                            bytes,
-                        }],
-                        &msg,
-                    )
-                })
-                .await
-                .map_err(|e| format!("recording the new credential: {e}"))?;
+                self.commit_record(name, Slot::Pending, &pending, Vec::new(), msg)
+                    .await
+                    .map_err(|e| format!("recording the new credential: {e}"))?;
                 self.push_logged().await;
             }
             fault_point("apply");
@@ -477,25 +454,12 @@ impl Engine {
         if retires {
             msg = msg.trailer("Rotd-Retire-After", &retire_after_s);
         }
-        let store = self.store.clone();
-        let n = name.to_owned();
-        let rec = new_current.clone();
-        let committed = blocking(move || {
-            let bytes = store.encrypt_record(&rec)?;
-            store.commit(
-                vec![
-                    Change::Put {
-                        path: rel_path(&n, Slot::Current),
-                        bytes,
-                    },
-                    Change::Remove {
-                        path: rel_path(&n, Slot::Pending),
-                    },
-                ],
-                &msg,
-            )
-        })
-        .await;
+        let pending_gone = vec![Change::Remove {
+            path: rel_path(name, Slot::Pending),
+        }];
+        let committed = self
+            .commit_record(name, Slot::Current, &new_current, pending_gone, msg)
+            .await;
         if let Err(e) = committed {
             return Ok(Outcome::Failed {
                 rotation,
@@ -587,21 +551,40 @@ impl Engine {
                 )
             }
         };
-        let store = self.store.clone();
-        let n = sched.name.clone();
-        blocking(move || {
-            let changes = match change {
-                Some(rec) => vec![Change::Put {
-                    path: rel_path(&n, Slot::Current),
-                    bytes: store.encrypt_record(&rec)?,
-                }],
-                None => Vec::new(),
-            };
-            store.commit(changes, &step)
-        })
-        .await?;
+        match change {
+            Some(rec) => {
+                self.commit_record(&sched.name, Slot::Current, &rec, Vec::new(), step)
+                    .await?;
+            }
+            None => {
+                let store = self.store.clone();
+                blocking(move || store.commit(Vec::new(), &step)).await?;
+            }
+        }
         self.push_logged().await;
         Ok(Some(outcome))
+    }
+
+    /// Encrypts `rec` into NAME's `slot` file and commits it with `also`, off the
+    /// async runtime.
+    async fn commit_record(
+        &self,
+        name: &str,
+        slot: Slot,
+        rec: &Record,
+        also: Vec<Change>,
+        msg: Message,
+    ) -> Result<git2::Oid, Error> {
+        let store = self.store.clone();
+        let path = rel_path(name, slot);
+        let rec = rec.clone();
+        blocking(move || {
+            let bytes = store.encrypt_record(&rec)?;
+            let mut changes = vec![Change::Put { path, bytes }];
+            changes.extend(also);
+            store.commit(changes, &msg)
+        })
+        .await
     }
 
     async fn push_logged(&self) {
@@ -900,20 +883,9 @@ impl Engine {
             .trailer("Rotd-Trigger", "schedule")
             .trailer("Rotd-Target", sched.target.describe(Some(&cur)))
             .trailer("Rotd-Retired", &retired);
-        let store = self.store.clone();
-        let n = sched.name.clone();
-        blocking(move || {
-            let bytes = store.encrypt_record(&rec)?;
-            store.commit(
-                vec![Change::Put {
-                    path: rel_path(&n, Slot::Current),
-                    bytes,
-                }],
-                &msg,
-            )
-        })
-        .await
-        .map_err(|e| e.to_string())?;
+        self.commit_record(&sched.name, Slot::Current, &rec, Vec::new(), msg)
+            .await
+            .map_err(|e| e.to_string())?;
         self.push_logged().await;
         tracing::info!(secret = %sched.name, retired = %retired, "old credential retired");
         Ok(retired)
