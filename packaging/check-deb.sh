@@ -20,7 +20,7 @@ dpkg-deb --ctrl-tarfile "$deb" | tar -t | grep -q conffiles || fail "no conffile
 dpkg-deb -e "$deb" /tmp/rotd-deb-control.$$ && grep -qx /etc/rotd/rotd.toml /tmp/rotd-deb-control.$$/conffiles || fail "rotd.toml is not a conffile"
 rm -rf /tmp/rotd-deb-control.$$
 
-DEBIAN_FRONTEND=noninteractive dpkg -i "$deb" >/dev/null
+DEBIAN_FRONTEND=noninteractive dpkg -i --force-confdef --force-confold "$deb" >/dev/null
 rotd --version
 getent passwd rotd >/dev/null || fail "no rotd user"
 [ "$(stat -c %a /var/lib/rotd)" = 700 ] || fail "/var/lib/rotd is not 0700"
