@@ -8,8 +8,7 @@ mod es_emulator;
 mod util;
 
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
@@ -521,19 +520,6 @@ fn failed_retire_stays_pending_until_rotd_retire() {
     );
 }
 
-fn age_decrypt(identity: &Path, bytes: &[u8], tmp: &Path) -> String {
-    std::fs::write(tmp, bytes).unwrap();
-    let d = Command::new("age")
-        .arg("-d")
-        .arg("-i")
-        .arg(identity)
-        .arg(tmp)
-        .output()
-        .unwrap();
-    assert!(d.status.success(), "{}", stderr(&d));
-    String::from_utf8(d.stdout).unwrap()
-}
-
 #[test]
 fn sigkill_after_apply_leaves_the_key_id_in_git_and_recovery_invalidates_it() {
     let s = Setup::new(Cluster::emulated(), "0s");
@@ -551,7 +537,7 @@ fn sigkill_after_apply_leaves_the_key_id_in_git_and_recovery_invalidates_it() {
     let pending = format!("secrets/{NAME}.pending.age");
     assert!(s.env.head_files().contains(&pending));
     let blob = git(&s.env.store, &["show", &format!("HEAD:{pending}")]);
-    let plain = age_decrypt(&s.env.identity, &blob.stdout, &s.env.path("p.age"));
+    let plain = s.env.age_plaintext(&blob.stdout);
     assert!(
         plain.contains(&format!("key-id: {}", new.id)),
         "pending record: no key id"
@@ -642,7 +628,7 @@ fn sigkill_before_the_key_id_is_committed_recovers_the_key_by_name() {
     let new = valid.iter().find(|k| k.id != s.initial.0).unwrap().clone();
     let pending = format!("secrets/{NAME}.pending.age");
     let blob = git(&s.env.store, &["show", &format!("HEAD:{pending}")]);
-    let plain = age_decrypt(&s.env.identity, &blob.stdout, &s.env.path("p.age"));
+    let plain = s.env.age_plaintext(&blob.stdout);
     assert!(!plain.contains("key-id:"), "the id was not committed yet");
     let o = s.env.rotd(&["retire"]);
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));

@@ -182,9 +182,9 @@ impl TestEnv {
         v["entries"].as_array().unwrap().clone()
     }
 
-    /// The first line (the secret) of an age file's plaintext, decrypted with the
-    /// daemon's identity by the stock `age` CLI (reading the ciphertext on stdin).
-    pub fn age_secret(&self, ciphertext: &[u8]) -> String {
+    /// The plaintext of an age file, decrypted with the daemon's identity by the stock
+    /// `age` CLI (reading the ciphertext on stdin: no temp file).
+    pub fn age_plaintext(&self, ciphertext: &[u8]) -> String {
         use std::io::Write;
         let mut child = Command::new("age")
             .arg("-d")
@@ -198,7 +198,16 @@ impl TestEnv {
         child.stdin.take().unwrap().write_all(ciphertext).unwrap();
         let d = child.wait_with_output().unwrap();
         assert!(d.status.success(), "{}", stderr(&d));
-        stdout(&d).lines().next().unwrap().to_owned()
+        stdout(&d)
+    }
+
+    /// The first line (the secret) of an age file's plaintext.
+    pub fn age_secret(&self, ciphertext: &[u8]) -> String {
+        self.age_plaintext(ciphertext)
+            .lines()
+            .next()
+            .unwrap()
+            .to_owned()
     }
 
     /// Files in the store's `secrets/` at HEAD.
