@@ -58,7 +58,23 @@ pub fn report(
     store: &Store,
     next_run: impl Fn(&Schedule) -> Option<DateTime<Utc>>,
 ) -> Result<Report, store::Error> {
-    let entries = history::read(store, None)?;
+    report_from(cfg, store, &history::read(store, None)?, next_run)
+}
+
+/// Builds the report from history already read (the daemon caches it per HEAD).
+pub fn report_from(
+    cfg: &Config,
+    store: &Store,
+    entries: &[history::Entry],
+    next_run: impl Fn(&Schedule) -> Option<DateTime<Utc>>,
+) -> Result<Report, store::Error> {
+    // One pass over the history, grouped by secret (newest first within each).
+    let mut by_secret: std::collections::HashMap<&str, Vec<&history::Entry>> = Default::default();
+    for e in entries {
+        if let Some(n) = e.secret.as_deref() {
+            by_secret.entry(n).or_default().push(e);
+        }
+    }
     let (current, pending) = store.names()?;
     let mut names: Vec<String> = cfg.schedules.iter().map(|s| s.name.clone()).collect();
     for n in current.iter().chain(&pending) {
@@ -69,10 +85,7 @@ pub fn report(
     let now = Utc::now();
     let mut rows = Vec::new();
     for n in names {
-        let mine: Vec<&history::Entry> = entries
-            .iter()
-            .filter(|e| e.secret.as_deref() == Some(&n))
-            .collect();
+        let mine: &[&history::Entry] = by_secret.get(n.as_str()).map(Vec::as_slice).unwrap_or(&[]);
         let last = mine.iter().find(|e| {
             matches!(
                 e.step.as_deref(),

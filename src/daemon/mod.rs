@@ -90,6 +90,8 @@ struct Shared {
     metrics: Metrics,
     next_runs: Mutex<BTreeMap<String, DateTime<Utc>>>,
     schedule_errors: Mutex<Vec<Problem>>,
+    /// History at a HEAD commit (see [`Shared::history`]).
+    history_cache: Mutex<Option<(git2::Oid, Arc<Vec<crate::history::Entry>>)>>,
     inflight: Mutex<HashMap<String, watch::Receiver<Option<RotationResult>>>>,
     active: AtomicUsize,
     idle: Notify,
@@ -200,6 +202,24 @@ impl Shared {
         });
     }
 
+    /// The audit trail, read again only when HEAD moved: status and every metrics
+    /// scrape use it, and a long history takes a while to walk.
+    fn history(
+        &self,
+        store: &Store,
+    ) -> Result<Arc<Vec<crate::history::Entry>>, crate::store::Error> {
+        let head = store.repo()?.head().ok().and_then(|h| h.target());
+        let mut cache = self.history_cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((oid, entries)) = cache.as_ref() {
+            if Some(*oid) == head {
+                return Ok(entries.clone());
+            }
+        }
+        let entries = Arc::new(crate::history::read(store, None)?);
+        *cache = head.map(|h| (h, entries.clone()));
+        Ok(entries)
+    }
+
     fn status(&self) -> Result<crate::status::Report, crate::store::Error> {
         let cfg = self.config();
         let next = self
@@ -207,7 +227,10 @@ impl Shared {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let mut r = crate::status::report(&cfg, &self.store(), |s| next.get(&s.name).copied())?;
+        let store = self.store();
+        let history = self.history(&store)?;
+        let mut r =
+            crate::status::report_from(&cfg, &store, &history, |s| next.get(&s.name).copied())?;
         r.schedule_errors = self
             .schedule_errors
             .lock()
@@ -307,6 +330,7 @@ pub async fn run(config_path: PathBuf, shutdown: impl Future<Output = ()>) -> Re
         metrics: Metrics::default(),
         next_runs: Mutex::new(BTreeMap::new()),
         schedule_errors: Mutex::new(problems),
+        history_cache: Mutex::new(None),
         inflight: Mutex::new(HashMap::new()),
         active: AtomicUsize::new(0),
         idle: Notify::new(),
