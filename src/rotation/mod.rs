@@ -194,12 +194,16 @@ fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
-/// Replaces any appearance of the given secrets in text bound for a log or commit.
-fn scrub(text: &str, secrets: &[&Secret]) -> String {
+/// Replaces any appearance of the records' secrets (and their `{{encoded}}` forms) in
+/// text bound for a log, an answer or a commit.
+fn scrub(text: &str, record: &Record, other: Option<&Record>) -> String {
     let mut s = text.to_owned();
-    for sec in secrets {
-        if sec.len() >= 4 {
-            s = s.replace(sec.expose(), "**REDACTED**");
+    for rec in std::iter::once(record).chain(other) {
+        let encoded = Engine::encoded(rec);
+        for sec in std::iter::once(&rec.secret).chain(encoded.as_ref()) {
+            if sec.len() >= 4 {
+                s = s.replace(sec.expose(), "**REDACTED**");
+            }
         }
     }
     s
@@ -411,11 +415,7 @@ impl Engine {
         let report = match result {
             Ok(r) => r,
             Err(reason) => {
-                let enc = Self::encoded(&pending);
-                let mut secrets = vec![&pending.secret];
-                secrets.extend(enc.as_ref());
-                secrets.extend(current.as_ref().map(|c| &c.secret));
-                let reason = scrub(&reason, &secrets);
+                let reason = scrub(&reason, &pending, current.as_ref());
                 tracing::warn!(secret = name, rotation = %rotation, %reason, "rotation failed; rolling back");
                 return self
                     .roll_back(
@@ -507,7 +507,7 @@ impl Engine {
                         "Rotd-Probe",
                         format!("ok {}ms", started.elapsed().as_millis()),
                     )
-                    .trailer("Rotd-Updated", scrub(&detail, &[&current.secret]));
+                    .trailer("Rotd-Updated", scrub(&detail, current, None));
                 (
                     msg,
                     Some(record),
@@ -518,7 +518,7 @@ impl Engine {
                 )
             }
             Ok(Some(targets::InPlace::Reverted(reason))) => {
-                let reason = scrub(&reason, &[&current.secret]);
+                let reason = scrub(&reason, current, None);
                 tracing::warn!(secret = %sched.name, rotation, %reason, "update in place failed and was undone");
                 let msg = Self::message(sched, "rolled-back", rotation, trigger, Some(current))
                     .trailer("Rotd-Fingerprint", &fp)
@@ -533,7 +533,7 @@ impl Engine {
                 )
             }
             Err(e) => {
-                let reason = scrub(&e.to_string(), &[&current.secret]);
+                let reason = scrub(&e.to_string(), current, None);
                 tracing::error!(secret = %sched.name, rotation, %reason, "update in place failed and was NOT undone");
                 let left = "the live credential holds the updated settings that failed verification; fix the settings and run `rotd rotate` again".to_owned();
                 let msg = Self::message(sched, "failed", rotation, trigger, Some(current))
@@ -628,23 +628,26 @@ impl Engine {
         if let Err(e) = sched.target.rollback(pending, current, undo, &ctx).await {
             left.push(format!("target: {e}"));
         }
-        self.finish_rollback(sched, pending, rotation, trigger, reason, left)
+        self.finish_rollback(sched, pending, current, rotation, trigger, reason, left)
             .await
     }
 
     /// Commits the end of a rollback: `rolled-back` (pending removed) when nothing is
     /// left, else `failed` with the pending record kept.
+    #[allow(clippy::too_many_arguments)]
     async fn finish_rollback(
         &self,
         sched: &Schedule,
         pending: &Record,
+        current: Option<&Record>,
         rotation: &str,
         trigger: &Trigger,
         reason: &str,
         left: Vec<String>,
     ) -> Result<Outcome, Error> {
-        let reason = scrub(reason, &[&pending.secret]);
-        let left_s = scrub(&left.join("; "), &[&pending.secret]);
+        // Peers' answers (reload bodies, target errors) may quote a credential.
+        let reason = scrub(reason, pending, current);
+        let left_s = scrub(&left.join("; "), pending, current);
         let fp = self.store.fingerprint(&pending.secret);
         let (step, changes) = if left.is_empty() {
             (
@@ -766,6 +769,7 @@ impl Engine {
             .finish_rollback(
                 sched,
                 &pending,
+                current.as_ref(),
                 &rotation,
                 &Trigger::Recovery,
                 "unfinished rotation found at start-up",
