@@ -181,6 +181,8 @@ fn verify_passes_on_a_clean_signed_store_and_flags_every_tampering() {
     sgit(&env, &["reset", "-q", "--hard", &clean]);
 
     // 5. A plaintext secret committed by hand, then removed again.
+    env.planted_leak_in_git
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     std::fs::write(env.store.join("notes.txt"), format!("token is {secret}\n")).unwrap();
     sgit(&env, &["add", "notes.txt"]);
     sgit(&env, &["commit", "-q", "-m", "notes"]);

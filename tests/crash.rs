@@ -68,11 +68,10 @@ fn sigkill_after_every_step_recovers_and_keeps_every_live_credential_recorded() 
         let env = TestEnv::new();
         let setup = PromSetup::start(&env, "15m", true);
         let agent = setup.agent.as_ref().unwrap();
-        let o = env
-            .cmd(&["rotate", "prom-remote-write"])
-            .env("ROTD_FAULT_KILL_AFTER", step)
-            .output()
-            .unwrap();
+        let o = env.run(
+            env.cmd(&["rotate", "prom-remote-write"])
+                .env("ROTD_FAULT_KILL_AFTER", step),
+        );
         assert_eq!(
             o.status.signal(),
             Some(9),

@@ -111,6 +111,7 @@ fn rotate_through_the_socket_moves_the_metrics_and_records_the_peer() {
         h[0]["trigger"]
     );
     let m = metrics(&d);
+    env.record_text(&m);
     assert!(
         m.contains("rotd_rotations_total{secret=\"apm-token\",outcome=\"succeeded\"} 1"),
         "{m}"
@@ -192,6 +193,8 @@ fn schedule_edits_are_picked_up_and_a_bad_file_keeps_the_old_version() {
     });
     let o = env.rotd(&["rotate", "app-pw"]);
     assert!(o.status.success());
+    // Its consumer file stays (rotd never deletes a consumer's file).
+    env.allow_holder(&env.path("consumer/app-pw.token"));
     std::fs::remove_file(env.schedules.join("app-pw.toml")).unwrap();
     wait_until("the schedule gone", Duration::from_secs(5), || {
         status(&env)["secrets"]
@@ -257,6 +260,7 @@ fn sigterm_during_a_rotation_lets_it_finish_and_exits_0() {
         "rolled-back"
     );
     let o = rotate.wait_with_output().unwrap();
+    env.record(&o);
     assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
     assert!(!env.path("rotd.sock").exists(), "socket removed at exit");
 }

@@ -253,11 +253,7 @@ timeout = "5s"
     /// `rotd rotate NAME` at TRACE level (every crate), so that the output checks
     /// below cover the HTTP stack's logging too.
     fn rotate(&self) -> std::process::Output {
-        self.env
-            .cmd(&["rotate", NAME])
-            .env("ROTD_LOG", "trace")
-            .output()
-            .unwrap()
+        self.env.rotd(&["rotate", NAME])
     }
 
     fn consumer(&self) -> String {
@@ -523,12 +519,11 @@ fn failed_retire_stays_pending_until_rotd_retire() {
 #[test]
 fn sigkill_after_apply_leaves_the_key_id_in_git_and_recovery_invalidates_it() {
     let s = Setup::new(Cluster::emulated(), "0s");
-    let o = s
-        .env
-        .cmd(&["rotate", NAME])
-        .env("ROTD_FAULT_KILL_AFTER", "apply")
-        .output()
-        .unwrap();
+    let o = s.env.run(
+        s.env
+            .cmd(&["rotate", NAME])
+            .env("ROTD_FAULT_KILL_AFTER", "apply"),
+    );
     assert_eq!(o.status.signal(), Some(9), "{}", stderr(&o));
     let valid = s.valid_keys();
     assert_eq!(valid.len(), 2, "old and new valid");
@@ -616,12 +611,11 @@ fn check_reports_missing_and_bad_settings_with_lines() {
 #[test]
 fn sigkill_before_the_key_id_is_committed_recovers_the_key_by_name() {
     let s = Setup::new(Cluster::emulated(), "0s");
-    let o = s
-        .env
-        .cmd(&["rotate", NAME])
-        .env("ROTD_FAULT_KILL_AFTER", "created")
-        .output()
-        .unwrap();
+    let o = s.env.run(
+        s.env
+            .cmd(&["rotate", NAME])
+            .env("ROTD_FAULT_KILL_AFTER", "created"),
+    );
     assert_eq!(o.status.signal(), Some(9), "{}", stderr(&o));
     let valid = s.valid_keys();
     assert_eq!(valid.len(), 2, "old and new valid");

@@ -188,12 +188,11 @@ fn probe_failure_restores_the_old_password_and_consumers() {
 #[test]
 fn sigkill_after_apply_is_recovered_by_restoring_the_old_password() {
     let s = Setup::new();
-    let o = s
-        .env
-        .cmd(&["rotate", NAME])
-        .env("ROTD_FAULT_KILL_AFTER", "apply")
-        .output()
-        .unwrap();
+    let o = s.env.run(
+        s.env
+            .cmd(&["rotate", NAME])
+            .env("ROTD_FAULT_KILL_AFTER", "apply"),
+    );
     assert_eq!(o.status.signal(), Some(9), "{}", stderr(&o));
     let new = s.live_password();
     assert_ne!(new, OLD_PW, "apply changed the password");

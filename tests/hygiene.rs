@@ -1,6 +1,10 @@
 //! Secrets never leak: a rotation, a rollback and the read-only commands with TRACE
 //! logging, then every output line, the whole git history (every object) and the
 //! files around the store are searched for every secret involved.
+//!
+//! Every other test gets the same search when its `TestEnv` drops
+//! (tests/util/leaks.rs); the last test here proves that search finds each kind of
+//! leak.
 
 mod util;
 
@@ -14,7 +18,7 @@ fn no_secret_in_logs_outputs_commits_or_stray_files_at_trace_level() {
     let setup = PromSetup::start(&env, "0s", true);
     let mut outputs: Vec<Output> = Vec::new();
     let mut run = |args: &[&str]| {
-        let o = env.cmd(args).env("ROTD_LOG", "trace").output().unwrap();
+        let o = env.run(&mut env.cmd(args));
         outputs.push(o);
     };
     run(&["rotate", "prom-remote-write"]);
@@ -164,4 +168,51 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+/// The drop-time check of every TestEnv (tests/util/leaks.rs) finds a secret in each
+/// place it searches: a file outside the deliver paths, rotd's output, a commit
+/// message, and the Basic-auth encoding of a user's password.
+#[test]
+fn the_harness_leak_check_finds_planted_leaks() {
+    use base64::Engine as _;
+    let catches = |plant: &dyn Fn(&TestEnv, &str)| -> String {
+        let env = TestEnv::new();
+        let o = env.rotd_stdin(
+            &["import", "planted", "--username", "writer"],
+            "planted-secret-0123456789\n",
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        env.assert_no_secret_leaked(); // clean so far
+        plant(&env, "planted-secret-0123456789");
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            env.assert_no_secret_leaked()
+        }));
+        env.skip_leak_check
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let msg = r.expect_err("the planted leak was not found");
+        msg.downcast_ref::<String>().cloned().unwrap_or_default()
+    };
+    let m = catches(&|env, s| std::fs::write(env.path("stray.log"), format!("x {s} y")).unwrap());
+    assert!(m.contains("stray.log"), "{m}");
+    let m = catches(&|env, s| env.record_text(&format!("DEBUG password={s}")));
+    assert!(m.contains("rotd output"), "{m}");
+    let m = catches(&|env, s| {
+        git(
+            &env.store,
+            &[
+                "commit",
+                "-q",
+                "--allow-empty",
+                "-m",
+                &format!("rotated to {s}"),
+            ],
+        );
+    });
+    assert!(m.contains("git object"), "{m}");
+    let m = catches(&|env, s| {
+        let header = base64::engine::general_purpose::STANDARD.encode(format!("writer:{s}"));
+        env.record_text(&format!("authorization: Basic {header}"));
+    });
+    assert!(m.contains("rotd output"), "{m}");
 }

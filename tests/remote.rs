@@ -94,6 +94,8 @@ fn two_instances_racing_for_one_secret_never_both_rotate() {
             ca.wait_with_output().unwrap(),
             cb.wait_with_output().unwrap(),
         );
+        a.record(&oa);
+        a.record(&ob);
         for o in [&oa, &ob] {
             match o.status.code() {
                 Some(0) => {}

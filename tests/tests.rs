@@ -314,6 +314,7 @@ fn concurrent_rotations_of_one_secret_are_serialized_and_lose_no_commit() {
         .collect();
     for c in children {
         let o = c.wait_with_output().unwrap();
+        env.record(&o);
         assert!(o.status.success(), "{}", stderr(&o));
     }
     // Oldest first: each pending is followed by its own succeeded, never interleaved.

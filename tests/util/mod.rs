@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+mod leaks;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -40,6 +42,15 @@ pub fn bcrypt_hash(pw: &str) -> String {
 }
 
 pub struct TestEnv {
+    /// What every rotd run of this env printed, searched for secrets on drop.
+    outputs: std::sync::Mutex<Vec<Vec<u8>>>,
+    /// Files outside the deliver paths that may hold a secret (fixtures of a test).
+    allowed: std::sync::Mutex<Vec<PathBuf>>,
+    /// Set by tests whose store is not rotd's own making (e.g. fast-imported history).
+    pub skip_leak_check: std::sync::atomic::AtomicBool,
+    /// Set by a test that commits a plaintext secret by hand (to see `verify` flag it):
+    /// git objects are then not searched, everything else still is.
+    pub planted_leak_in_git: std::sync::atomic::AtomicBool,
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     pub store: PathBuf,
@@ -115,6 +126,10 @@ impl TestEnv {
         )
         .unwrap();
         TestEnv {
+            outputs: Default::default(),
+            allowed: Default::default(),
+            skip_leak_check: Default::default(),
+            planted_leak_in_git: Default::default(),
             store: root.join("store"),
             identity: keys.join("rotd.agekey"),
             config,
@@ -129,18 +144,45 @@ impl TestEnv {
         self.dir.path().join(rel)
     }
 
+    /// A rotd command for this env, logging at TRACE (every crate): whatever it prints
+    /// is checked for secrets when the env drops, if it is run with [`TestEnv::run`]
+    /// or its output is passed to [`TestEnv::record`].
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(rotd_bin());
         c.arg("--config")
             .arg(&self.config)
             .args(args)
-            .env("ROTD_LOG", "debug")
+            .env("ROTD_LOG", "trace")
             .env_remove("ROTD_FAULT_KILL_AFTER");
         c
     }
 
+    /// Runs `c` (made by [`TestEnv::cmd`]) to completion and records its output.
+    pub fn run(&self, c: &mut Command) -> Output {
+        let o = c.stdin(Stdio::null()).output().unwrap();
+        self.record(&o);
+        o
+    }
+
+    /// Adds a finished rotd run's output to what the drop check searches.
+    pub fn record(&self, o: &Output) {
+        let mut all = self.outputs.lock().unwrap();
+        all.push(o.stdout.clone());
+        all.push(o.stderr.clone());
+    }
+
+    /// Adds other text rotd served (a metrics page, a socket answer) to the search.
+    pub fn record_text(&self, text: &str) {
+        self.outputs.lock().unwrap().push(text.as_bytes().to_vec());
+    }
+
+    /// A file the test itself wrote a secret into (outside the deliver paths).
+    pub fn allow_holder(&self, path: &Path) {
+        self.allowed.lock().unwrap().push(path.to_owned());
+    }
+
     pub fn rotd(&self, args: &[&str]) -> Output {
-        self.cmd(args).stdin(Stdio::null()).output().unwrap()
+        self.run(&mut self.cmd(args))
     }
 
     pub fn rotd_stdin(&self, args: &[&str], input: &str) -> Output {
@@ -158,15 +200,18 @@ impl TestEnv {
             .unwrap()
             .write_all(input.as_bytes())
             .unwrap();
-        child.wait_with_output().unwrap()
+        let o = child.wait_with_output().unwrap();
+        self.record(&o);
+        o
     }
 
     pub fn write_schedule(&self, name: &str, text: &str) {
         std::fs::write(self.schedules.join(format!("{name}.toml")), text).unwrap();
     }
 
+    /// `rotd show NAME`: prints the secret by design, so not recorded for the check.
     pub fn show(&self, name: &str) -> String {
-        let o = self.rotd(&["show", name]);
+        let o = self.cmd(&["show", name]).output().unwrap();
         assert!(o.status.success(), "show {name}: {}", stderr(&o));
         stdout(&o).trim_end().to_owned()
     }
