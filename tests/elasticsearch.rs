@@ -516,42 +516,6 @@ fn failed_retire_stays_pending_until_rotd_retire() {
     );
 }
 
-#[test]
-fn sigkill_after_apply_leaves_the_key_id_in_git_and_recovery_invalidates_it() {
-    let s = Setup::new(Cluster::emulated(), "0s");
-    let o = s.env.run(
-        s.env
-            .cmd(&["rotate", NAME])
-            .env("ROTD_FAULT_KILL_AFTER", "apply"),
-    );
-    assert_eq!(o.status.signal(), Some(9), "{}", stderr(&o));
-    let valid = s.valid_keys();
-    assert_eq!(valid.len(), 2, "old and new valid");
-    let new = valid.iter().find(|k| k.id != s.initial.0).unwrap().clone();
-    // The new key's id is recorded at HEAD in the pending file.
-    let pending = format!("secrets/{NAME}.pending.age");
-    assert!(s.env.head_files().contains(&pending));
-    let blob = git(&s.env.store, &["show", &format!("HEAD:{pending}")]);
-    let plain = s.env.age_plaintext(&blob.stdout);
-    assert!(
-        plain.contains(&format!("key-id: {}", new.id)),
-        "pending record: no key id"
-    );
-    // Recovery: the new key invalidated, pending gone, the old key valid.
-    let o = s.env.rotd(&["retire"]);
-    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
-    assert!(s.cluster.key(&new.id).invalidated);
-    assert!(!s.cluster.key(&s.initial.0).invalidated);
-    assert!(!s.env.head_files().contains(&pending));
-    assert_eq!(s.env.show(NAME), s.initial.1);
-    assert_eq!(
-        s.consumer(),
-        format!("ES_API_KEY={}\n", encoded(&s.initial.0, &s.initial.1))
-    );
-    let h = s.env.history_json(Some(NAME));
-    assert_eq!(h[0]["step"], "rolled-back");
-}
-
 /// `rotd check` output for a schedule text.
 fn check(env: &TestEnv, text: &str) -> String {
     env.write_schedule(NAME, text);
@@ -608,27 +572,110 @@ fn check_reports_missing_and_bad_settings_with_lines() {
     assert!(out.contains(&format!("{file}:")), "{out}");
 }
 
+/// Every key for NAME the cluster accepts is accounted for in git: its id is in some
+/// recorded version of the secret (current or pending), or its name is made from a
+/// pending rotation's id (the window between the key's creation and the commit of
+/// its id; recovery finds such a key by name).
+fn assert_valid_keys_in_git(s: &Setup, when: &str) {
+    let plaintexts = s.env.recorded_plaintexts(NAME);
+    let ids: Vec<&str> = plaintexts
+        .iter()
+        .flat_map(|p| p.lines())
+        .filter_map(|l| l.strip_prefix("key-id: "))
+        .collect();
+    let rotations: Vec<String> = s
+        .env
+        .history_json(Some(NAME))
+        .iter()
+        .filter(|e| e["step"] == "pending")
+        .filter_map(|e| e["rotation"].as_str().map(str::to_owned))
+        .collect();
+    for k in s.valid_keys() {
+        assert!(
+            ids.contains(&k.id.as_str())
+                || rotations
+                    .iter()
+                    .any(|r| k.name == format!("rotd-{NAME}-{r}")),
+            "{when}: key {} ({}) is valid but git does not know it",
+            k.id,
+            k.name
+        );
+    }
+}
+
+/// SIGKILL after each step (`created`: after the cluster made the key, before its id
+/// is committed). At the kill, every valid key is accounted for in git; after
+/// recovery (grace 0s) exactly one rotd key is valid, the recorded current one, and
+/// the consumers hold it; a rotation afterwards succeeds.
 #[test]
-fn sigkill_before_the_key_id_is_committed_recovers_the_key_by_name() {
-    let s = Setup::new(Cluster::emulated(), "0s");
-    let o = s.env.run(
-        s.env
-            .cmd(&["rotate", NAME])
-            .env("ROTD_FAULT_KILL_AFTER", "created"),
+fn sigkill_after_every_step_recovers_to_one_valid_recorded_key() {
+    let steps = ["pending", "created", "apply", "deliver", "probe", "commit"];
+    for step in steps {
+        let s = Setup::new(Cluster::emulated(), "0s");
+        let o = s.env.run(
+            s.env
+                .cmd(&["rotate", NAME])
+                .env("ROTD_FAULT_KILL_AFTER", step),
+        );
+        assert_eq!(o.status.signal(), Some(9), "{step}: {}", stderr(&o));
+        assert_valid_keys_in_git(&s, &format!("after a kill at {step}"));
+        let valid = s.valid_keys();
+        assert_eq!(
+            valid.len(),
+            if step == "pending" { 1 } else { 2 },
+            "{step}: {valid:?}"
+        );
+        let pending = format!("secrets/{NAME}.pending.age");
+        if step == "created" || step == "apply" {
+            let blob = git(&s.env.store, &["show", &format!("HEAD:{pending}")]);
+            let plain = s.env.age_plaintext(&blob.stdout);
+            let new = valid.iter().find(|k| k.id != s.initial.0).unwrap();
+            assert_eq!(
+                plain.contains(&format!("key-id: {}", new.id)),
+                step == "apply",
+                "{step}: the key id is committed right after the key is made"
+            );
+        }
+
+        // Recovery runs at the start of any command that takes the lock.
+        let o = s.env.rotd(&["retire"]);
+        assert!(o.status.success(), "{step}: {}{}", stdout(&o), stderr(&o));
+        assert_valid_keys_in_git(&s, &format!("after recovery from {step}"));
+        assert!(!s.env.head_files().contains(&pending), "{step}");
+        let valid = s.valid_keys();
+        assert_eq!(valid.len(), 1, "{step}: one key left: {valid:?}");
+        let key_id = std::fs::read_to_string(s.out.join("key_id")).unwrap();
+        assert_eq!(valid[0].id, key_id, "{step}: consumers hold the valid key");
+        let current = s.env.show(NAME);
+        assert_eq!(
+            s.consumer(),
+            format!("ES_API_KEY={}\n", encoded(&key_id, &current))
+        );
+        if step == "commit" {
+            assert_ne!(key_id, s.initial.0, "{step}: the new key stays");
+            assert!(
+                s.cluster.key(&s.initial.0).invalidated,
+                "{step}: old retired"
+            );
+        } else {
+            assert_eq!(key_id, s.initial.0, "{step}: the old key is back");
+            assert_eq!(current, s.initial.1, "{step}");
+            let h = s.env.history_json(Some(NAME));
+            assert_eq!(h[0]["step"], "rolled-back", "{step}: {:?}", h[0]);
+        }
+        let o = s.rotate();
+        assert!(
+            o.status.success(),
+            "{step}: rotate after recovery: {}",
+            stderr(&o)
+        );
+        assert_eq!(s.valid_keys().len(), 1, "{step}");
+        eprintln!("crash matrix: elasticsearch-api-key: kill after {step}: ok");
+    }
+    eprintln!(
+        "crash matrix: {} steps x elasticsearch-api-key",
+        steps.len()
     );
-    assert_eq!(o.status.signal(), Some(9), "{}", stderr(&o));
-    let valid = s.valid_keys();
-    assert_eq!(valid.len(), 2, "old and new valid");
-    let new = valid.iter().find(|k| k.id != s.initial.0).unwrap().clone();
-    let pending = format!("secrets/{NAME}.pending.age");
-    let blob = git(&s.env.store, &["show", &format!("HEAD:{pending}")]);
-    let plain = s.env.age_plaintext(&blob.stdout);
-    assert!(!plain.contains("key-id:"), "the id was not committed yet");
-    let o = s.env.rotd(&["retire"]);
-    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
-    assert!(s.cluster.key(&new.id).invalidated, "found by name");
-    assert!(!s.cluster.key(&s.initial.0).invalidated);
-    assert!(!s.env.head_files().contains(&pending));
 }
 
 #[test]

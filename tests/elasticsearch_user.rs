@@ -185,22 +185,57 @@ fn probe_failure_restores_the_old_password_and_consumers() {
     assert!(!text.contains(OLD_PW), "no password in the output");
 }
 
+/// SIGKILL after each step. At the kill, the password the cluster accepts is recorded
+/// in git; after recovery the old password is back (or, after the commit, the new one
+/// stays), consumers and store agree with the cluster, and a rotation succeeds.
 #[test]
-fn sigkill_after_apply_is_recovered_by_restoring_the_old_password() {
-    let s = Setup::new();
-    let o = s.env.run(
-        s.env
-            .cmd(&["rotate", NAME])
-            .env("ROTD_FAULT_KILL_AFTER", "apply"),
+fn sigkill_after_every_step_keeps_the_live_password_recorded_and_recovers() {
+    let steps = ["pending", "apply", "deliver", "probe", "commit"];
+    for step in steps {
+        let s = Setup::new();
+        let o = s.env.run(
+            s.env
+                .cmd(&["rotate", NAME])
+                .env("ROTD_FAULT_KILL_AFTER", step),
+        );
+        assert_eq!(o.status.signal(), Some(9), "{step}: {}", stderr(&o));
+        let live = s.live_password();
+        assert!(
+            s.env.recorded_secrets(NAME).contains(&live),
+            "{step}: the cluster accepts a password git does not hold"
+        );
+        assert_eq!(live == OLD_PW, step == "pending", "{step}: apply sets it");
+        let new = if step == "commit" {
+            s.env.show(NAME)
+        } else {
+            let blob = git(
+                &s.env.store,
+                &["show", &format!("HEAD:secrets/{NAME}.pending.age")],
+            );
+            s.env.age_secret(&blob.stdout)
+        };
+        let o = s.env.rotd(&["retire"]);
+        assert!(o.status.success(), "{step}: {}{}", stdout(&o), stderr(&o));
+        if step == "commit" {
+            assert_eq!(s.live_password(), new, "{step}");
+            assert!(s.authenticates(&new) && !s.authenticates(OLD_PW), "{step}");
+            assert_eq!(s.consumer(), format!("ES_USER={USER}\nES_PASSWORD={new}\n"));
+        } else {
+            s.assert_old_password_back(&new);
+        }
+        let o = s.env.rotd(&["rotate", NAME]);
+        assert!(
+            o.status.success(),
+            "{step}: rotate after recovery: {}",
+            stderr(&o)
+        );
+        assert!(s.authenticates(&s.env.show(NAME)), "{step}");
+        eprintln!("crash matrix: elasticsearch-user-password: kill after {step}: ok");
+    }
+    eprintln!(
+        "crash matrix: {} steps x elasticsearch-user-password",
+        steps.len()
     );
-    assert_eq!(o.status.signal(), Some(9), "{}", stderr(&o));
-    let new = s.live_password();
-    assert_ne!(new, OLD_PW, "apply changed the password");
-    assert!(s.authenticates(&new));
-    assert!(!s.authenticates(OLD_PW));
-    let o = s.env.rotd(&["retire"]);
-    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
-    s.assert_old_password_back(&new);
 }
 
 #[test]

@@ -255,6 +255,34 @@ impl TestEnv {
             .to_owned()
     }
 
+    /// The plaintext of every version of the secret's current and pending files in
+    /// the store's history, decrypted with the stock age CLI.
+    pub fn recorded_plaintexts(&self, name: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        for path in [
+            format!("secrets/{name}.age"),
+            format!("secrets/{name}.pending.age"),
+        ] {
+            let revs = stdout(&git(&self.store, &["log", "--format=%H", "--", &path]));
+            for rev in revs.lines() {
+                let blob = git(&self.store, &["show", &format!("{rev}:{path}")]);
+                if !blob.status.success() {
+                    continue; // the commit removed it
+                }
+                out.push(self.age_plaintext(&blob.stdout));
+            }
+        }
+        out
+    }
+
+    /// The secrets (first lines) of [`TestEnv::recorded_plaintexts`].
+    pub fn recorded_secrets(&self, name: &str) -> Vec<String> {
+        self.recorded_plaintexts(name)
+            .iter()
+            .map(|p| p.lines().next().unwrap_or("").to_owned())
+            .collect()
+    }
+
     /// Files in the store's `secrets/` at HEAD.
     pub fn head_files(&self) -> Vec<String> {
         let o = git(&self.store, &["ls-tree", "--name-only", "HEAD", "secrets/"]);
