@@ -116,42 +116,55 @@ impl Shared {
     }
 
     /// Rotates one secret, or joins the rotation of it already running.
+    ///
+    /// The rotation runs in a task of its own: when the caller goes away (a schedule
+    /// task aborted at shutdown, a control client that hung up), the rotation still
+    /// runs to its end, and shutdown waits for it.
     async fn rotate(self: &Arc<Self>, name: &str, trigger: Trigger) -> RotationResult {
         if self.stopping.load(Ordering::SeqCst) {
             return Err("the daemon is shutting down; rotation not started".into());
         }
-        let start = {
+        let mut rx = {
             let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
             match map.get(name) {
-                Some(rx) => Err(rx.clone()),
+                Some(rx) => {
+                    tracing::info!(
+                        secret = name,
+                        "a rotation of this secret is running; joining it"
+                    );
+                    rx.clone()
+                }
                 None => {
                     let (tx, rx) = watch::channel(None);
-                    map.insert(name.to_owned(), rx);
-                    Ok(tx)
+                    map.insert(name.to_owned(), rx.clone());
+                    self.active.fetch_add(1, Ordering::SeqCst);
+                    let sh = self.clone();
+                    let name = name.to_owned();
+                    tokio::spawn(async move { sh.run_rotation(name, trigger, tx).await });
+                    rx
                 }
             }
         };
-        let tx = match start {
-            Ok(tx) => tx,
-            Err(mut rx) => {
-                tracing::info!(
-                    secret = name,
-                    "a rotation of this secret is running; joining it"
-                );
-                let joined = rx.wait_for(|v| v.is_some()).await;
-                return match joined {
-                    Ok(v) => v
-                        .clone()
-                        .unwrap_or_else(|| Err("joined rotation vanished".into())),
-                    Err(_) => Err("the rotation it joined ended without a result".into()),
-                };
-            }
+        let result = match rx.wait_for(|v| v.is_some()).await {
+            Ok(v) => v
+                .clone()
+                .unwrap_or_else(|| Err("the rotation vanished".into())),
+            Err(_) => Err("the rotation ended without a result".into()),
         };
-        self.active.fetch_add(1, Ordering::SeqCst);
+        result
+    }
+
+    /// The body of [`Shared::rotate`]'s task: rotate, count, publish, deregister.
+    async fn run_rotation(
+        self: Arc<Self>,
+        name: String,
+        trigger: Trigger,
+        tx: watch::Sender<Option<RotationResult>>,
+    ) {
         let started = Instant::now();
         let result = self
             .engine()
-            .rotate(name, trigger)
+            .rotate(&name, trigger)
             .await
             .map_err(|e| e.to_string());
         let label = match &result {
@@ -159,19 +172,18 @@ impl Shared {
             Err(_) => "error",
         };
         self.metrics
-            .rotation(name, label, started.elapsed().as_secs_f64());
+            .rotation(&name, label, started.elapsed().as_secs_f64());
         if matches!(result, Ok(Outcome::Succeeded { retired: false, .. })) {
-            self.schedule_retire_from_store(name);
+            self.schedule_retire_from_store(&name);
         }
-        let _ = tx.send(Some(result.clone()));
+        let _ = tx.send(Some(result));
         self.inflight
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
+            .remove(&name);
         if self.active.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.idle.notify_waiters();
         }
-        result
     }
 
     /// Sets a timer for the secret's pending retirement, read from its record.

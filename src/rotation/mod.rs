@@ -333,14 +333,20 @@ impl Engine {
         let mut fp = self.store.fingerprint(&pending.secret);
         let msg = Self::message(&sched, "pending", &rotation, &trigger, Some(&pending))
             .trailer("Rotd-Fingerprint", &fp);
-        let pending_commit = self
-            .commit_record(name, Slot::Pending, &pending, Vec::new(), msg)
-            .await?;
+        // Committed and pushed as one step: the push is the compare-and-swap between
+        // instances, and a rejected pending commit is dropped before anything else
+        // of this clone can commit on top of it.
         let store = self.store.clone();
-        match blocking(move || store.push()).await? {
+        let path = rel_path(name, Slot::Pending);
+        let rec = pending.clone();
+        let pushed = blocking(move || {
+            let bytes = store.encrypt_record(&rec)?;
+            store.commit_and_push(vec![Change::Put { path, bytes }], &msg)
+        })
+        .await?
+        .1;
+        match pushed {
             Push::Rejected(reason) => {
-                let store = self.store.clone();
-                blocking(move || store.drop_commit(pending_commit)).await?;
                 return Ok(Outcome::Aborted {
                     reason: format!("the store remote moved ({reason}): another rotd instance is rotating; nothing was changed"),
                 });

@@ -7,10 +7,15 @@
 //! The repository is the journal and the lock:
 //! * every change is a commit made under an exclusive `flock` on `.git/rotd.lock`
 //!   (CLI processes and the daemon share it; the kernel drops it when a process dies);
+//!   fetches and pushes take it too, since they move the remote-tracking ref that the
+//!   compare-and-swap below reads;
 //! * a rotation holds `.git/rotd-locks/NAME.lock` from plan to the end, so rotations
 //!   of one secret are serialized on this host;
 //! * between hosts, pushing the `pending` commit is a compare-and-swap on the remote
-//!   branch: a rejected push means another instance got there first.
+//!   branch: a rejected push means another instance got there first. The pending
+//!   commit, its push, and dropping it on a rejection are one step under the store
+//!   lock ([`Store::commit_and_push`]), so no commit of another secret on this host
+//!   can land on top of a commit that is about to be dropped.
 //!
 //! libgit2's fsync of the git directory is switched on, so a commit that returned is
 //! on disk. Secrets are read from the commit at HEAD, never from the work tree; the
@@ -492,14 +497,24 @@ impl Store {
         Ok(())
     }
 
-    /// Moves HEAD back to `oid`'s parent (a pending commit whose push was rejected).
-    pub fn drop_commit(&self, oid: Oid) -> Result<(), Error> {
+    /// Commits `changes` and pushes, as one step under the store lock: the push is the
+    /// compare-and-swap between instances. When the remote rejects it, the commit is
+    /// dropped again (HEAD back to its parent) before the lock is released, so no
+    /// other commit of this clone can have landed on top of it.
+    pub fn commit_and_push(
+        &self,
+        changes: Vec<Change>,
+        msg: &Message,
+    ) -> Result<(Oid, Push), Error> {
         let _lock = self.lock_store()?;
         let repo = self.repo()?;
-        let commit = repo.find_commit(oid)?;
-        let parent = commit.parent(0)?;
-        repo.reset(parent.as_object(), git2::ResetType::Hard, None)?;
-        Ok(())
+        let oid = self.commit_locked(&repo, changes, msg)?;
+        let push = self.push_locked()?;
+        if let Push::Rejected(_) = push {
+            let parent = repo.find_commit(oid)?.parent(0)?;
+            repo.reset(parent.as_object(), git2::ResetType::Hard, None)?;
+        }
+        Ok((oid, push))
     }
 
     fn callbacks(&self) -> git2::RemoteCallbacks<'_> {
@@ -538,8 +553,15 @@ impl Store {
         cb
     }
 
-    /// Pushes the branch to the remote (when one is configured).
+    /// Pushes the branch to the remote (when one is configured), under the store lock:
+    /// commits, fetches and pushes of one clone never overlap (they share the
+    /// remote-tracking ref, and a push's compare-and-swap reads it).
     pub fn push(&self) -> Result<Push, Error> {
+        let _lock = self.lock_store()?;
+        self.push_locked()
+    }
+
+    fn push_locked(&self) -> Result<Push, Error> {
         let Some(url) = self.cfg.remote.clone() else {
             return Ok(Push::NoRemote);
         };
