@@ -44,9 +44,25 @@ fn main() {
                 .downcast_ref::<commands::Error>()
                 .map(|e| e.exit_code())
                 .unwrap_or(exit::ROLLED_BACK);
-            eprintln!("rotd: {err:#}");
+            eprintln!("rotd: {}", describe(&err));
             code
         }
     };
     std::process::exit(code);
+}
+
+/// The error and its causes in one line. Most of rotd's errors already name their
+/// cause in their own text; a cause is appended only when it adds something.
+fn describe(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let part = cause.to_string();
+        if !text.contains(&part) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&part);
+        }
+    }
+    text
 }

@@ -1,6 +1,8 @@
-//! Hostile and broken peers: a receiver that cuts its answer short mid-body, a name
-//! that does not resolve. Each must end in a clean rollback (exit 1), the web config
-//! byte-identical, nothing pending.
+//! Hostile and broken peers: a receiver that cuts its answer short mid-body, one that
+//! resets the connection (TCP RST) mid-response, a name that does not resolve. Each
+//! must end in a clean rollback (exit 1), the web config byte-identical, nothing
+//! pending. And a store whose disk fills up: before the rotation, and in the middle
+//! of it (between the pending and the succeeded commit).
 
 mod util;
 
@@ -9,9 +11,45 @@ use std::net::TcpListener;
 
 use util::*;
 
+/// How the fake receiver misbehaves.
+#[derive(Clone, Copy, PartialEq)]
+enum Fault {
+    /// Answers queries with a body cut short (then a clean close).
+    Truncate,
+    /// Resets the connection (RST) halfway through the answer to a write.
+    ResetWrite,
+    /// Resets the connection (RST) halfway through the answer to a query.
+    ResetQuery,
+}
+
+/// Closes `c` with an RST instead of a FIN (SO_LINGER with a zero timeout).
+fn reset(c: std::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket fd and a correctly sized linger struct.
+    let rc = unsafe {
+        libc::setsockopt(
+            c.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+    drop(c);
+}
+
 /// A fake remote-write receiver: accepts writes (204) and answers queries with a
 /// response cut off in the middle of its body.
 fn truncating_receiver() -> String {
+    faulty_receiver(Fault::Truncate)
+}
+
+fn faulty_receiver(fault: Fault) -> String {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", l.local_addr().unwrap());
     std::thread::spawn(move || {
@@ -48,9 +86,19 @@ fn truncating_receiver() -> String {
                         Ok(n) => have += n,
                     }
                 }
+                if fault == Fault::ResetWrite {
+                    let _ = c.write_all(b"HTTP/1.1 204 No Con");
+                    reset(c);
+                    continue;
+                }
                 let _ = c.write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n");
             } else {
                 let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 400\r\nConnection: close\r\n\r\n{\"status\":\"success\",\"data\":{\"resultType\":\"vec");
+                if fault == Fault::ResetQuery {
+                    let _ = c.flush();
+                    reset(c);
+                    continue;
+                }
             }
             let _ = c.shutdown(std::net::Shutdown::Both);
         }
@@ -131,4 +179,221 @@ fn a_receiver_name_that_does_not_resolve_rolls_back() {
         &o,
         "remote write to http://rotd-probe-target.invalid",
     );
+}
+
+#[test]
+fn a_connection_reset_mid_response_rolls_back() {
+    for (fault, expect) in [
+        (Fault::ResetWrite, "remote write to"),
+        (Fault::ResetQuery, "query answer"),
+    ] {
+        let env = TestEnv::new();
+        let web = schedule(&env, &faulty_receiver(fault));
+        let before = std::fs::read(&web).unwrap();
+        let o = env.rotd(&["rotate", "prom-remote-write"]);
+        assert_clean_rollback(&env, &web, &before, &o, expect);
+        assert!(stdout(&o).contains("reset by peer"), "{}", stdout(&o));
+    }
+}
+
+/// A small tmpfs mounted on the store's directory, unmounted on drop. Mounting needs
+/// root (CI runs as root); elsewhere the disk-full tests say so and do nothing.
+struct SmallDisk {
+    dir: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(dir: &std::path::Path) -> Option<SmallDisk> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED: mounting a tmpfs for the store needs root (CI runs as root)");
+            return None;
+        }
+        std::fs::create_dir_all(dir).unwrap();
+        let o = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs"])
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "mount tmpfs: {}", stderr(&o));
+        Some(SmallDisk {
+            dir: dir.to_owned(),
+        })
+    }
+
+    /// Writes a filler file until the disk is full.
+    fn fill(&self) {
+        let mut f = std::fs::File::create(self.dir.join("filler")).unwrap();
+        let chunk = vec![0u8; 4096];
+        loop {
+            if let Err(e) = f.write_all(&chunk) {
+                assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+                break;
+            }
+        }
+        // Whatever the page cache still held is on the disk now, or failed.
+        let _ = f.sync_all();
+    }
+
+    fn free(&self) {
+        std::fs::remove_file(self.dir.join("filler")).unwrap();
+    }
+
+    /// [`SmallDisk::fill`] through a handle that does not unmount on drop.
+    fn fill_and_forget(self) {
+        self.fill();
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.dir)
+            .status();
+    }
+}
+
+/// A store on a small disk with a `files` secret whose probe calls `probe_url`.
+fn store_on_small_disk(probe_url: &str) -> Option<(TestEnv, SmallDisk, std::path::PathBuf)> {
+    let env = TestEnv::uninitialised();
+    let disk = SmallDisk::mount(&env.store)?;
+    let o = env.rotd(&["init"]);
+    assert!(o.status.success(), "init: {}", stderr(&o));
+    let consumer = env.path("apm/token");
+    env.write_schedule(
+        "apm-token",
+        &format!(
+            "name = \"apm-token\"\ngrace = \"0s\"\n[target]\nkind = \"files\"\n[[deliver]]\npath = \"{}\"\ncontent = \"{{{{secret}}}}\"\nmode = \"0600\"\n[probe]\nattempts = 1\ntimeout = \"5s\"\nhttp = {{ url = \"{probe_url}\" }}\n",
+            consumer.display()
+        ),
+    );
+    let o = env.rotd(&["rotate", "apm-token"]);
+    assert!(o.status.success(), "first rotation: {}", stderr(&o));
+    Some((env, disk, consumer))
+}
+
+/// An HTTP probe target that answers 200, and first runs `on_request`.
+fn probe_server(on_request: impl Fn() + Send + 'static) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/", l.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut c) = conn else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = c.read(&mut buf);
+            on_request();
+            let _ =
+                c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        }
+    });
+    url
+}
+
+fn git_fsck_clean(env: &TestEnv) {
+    let o = git(&env.store, &["fsck", "--no-dangling"]);
+    assert!(o.status.success(), "git fsck: {}{}", stdout(&o), stderr(&o));
+}
+
+#[test]
+fn a_full_store_disk_before_the_rotation_changes_nothing() {
+    let Some((env, disk, consumer)) = store_on_small_disk(&probe_server(|| {})) else {
+        return;
+    };
+    let head = stdout(&git(&env.store, &["rev-parse", "HEAD"]));
+    let old = std::fs::read_to_string(&consumer).unwrap();
+    disk.fill();
+    let o = env.rotd(&["rotate", "apm-token"]);
+    assert!(!o.status.success(), "{}", stdout(&o));
+    let text = format!("{}{}", stdout(&o), stderr(&o));
+    let line = stderr(&o)
+        .lines()
+        .find(|l| l.starts_with("rotd: "))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        line.contains("cannot write") && line.contains("apm-token.pending.age"),
+        "{text}"
+    );
+    assert_eq!(line.matches("No space left on device").count(), 1, "{line}");
+    assert_eq!(
+        stdout(&git(&env.store, &["rev-parse", "HEAD"])),
+        head,
+        "no commit"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&consumer).unwrap(),
+        old,
+        "consumer untouched"
+    );
+    git_fsck_clean(&env);
+    disk.free();
+    let o = env.rotd(&["rotate", "apm-token"]);
+    assert!(o.status.success(), "after freeing space: {}", stderr(&o));
+    assert_ne!(std::fs::read_to_string(&consumer).unwrap(), old);
+    git_fsck_clean(&env);
+    env.assert_no_secret_leaked();
+}
+
+/// The disk fills while the probe runs: the pending record is in git, the succeeded
+/// commit cannot be written. rotd says what is left (exit 2), the live secret is the
+/// recorded pending one, and once there is space again recovery rolls it back.
+#[test]
+fn a_store_disk_that_fills_mid_rotation_keeps_the_live_secret_recorded() {
+    let store_dir = std::sync::Arc::new(std::sync::Mutex::new(None::<std::path::PathBuf>));
+    let armed = store_dir.clone();
+    let url = probe_server(move || {
+        if let Some(dir) = armed.lock().unwrap().as_ref() {
+            SmallDisk { dir: dir.clone() }.fill_and_forget();
+        }
+    });
+    let Some((env, disk, consumer)) = store_on_small_disk(&url) else {
+        return;
+    };
+    let old = std::fs::read_to_string(&consumer).unwrap();
+    *store_dir.lock().unwrap() = Some(env.store.clone());
+    let o = env.rotd(&["rotate", "apm-token"]);
+    *store_dir.lock().unwrap() = None;
+    let text = format!("{}{}", stdout(&o), stderr(&o));
+    assert_eq!(o.status.code(), Some(2), "{text}");
+    assert!(text.contains("No space left on device"), "{text}");
+    assert!(
+        text.contains("apm-token.pending.age"),
+        "says what is left: {text}"
+    );
+    let live = std::fs::read_to_string(&consumer).unwrap();
+    assert_ne!(live, old);
+    let blob = git(&env.store, &["show", "HEAD:secrets/apm-token.pending.age"]);
+    assert_eq!(
+        env.age_secret(&blob.stdout),
+        live,
+        "the live secret is recorded"
+    );
+    git_fsck_clean(&env);
+    // Still full: recovery cannot commit, and says so without changing anything.
+    let o = env.rotd(&["retire"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("check the store's disk"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(std::fs::read_to_string(&consumer).unwrap(), live);
+    disk.free();
+    let o = env.rotd(&["retire"]);
+    assert!(o.status.success(), "recovery: {}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(&consumer).unwrap(),
+        old,
+        "rolled back"
+    );
+    assert_eq!(
+        env.history_json(Some("apm-token"))[0]["step"],
+        "rolled-back"
+    );
+    let o = env.rotd(&["rotate", "apm-token"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    git_fsck_clean(&env);
+    env.assert_no_secret_leaked();
 }

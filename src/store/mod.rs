@@ -43,7 +43,7 @@ pub use record::Record;
 pub enum Error {
     #[error("the store at {0} is not initialised: run `rotd init`")]
     NotInitialised(PathBuf),
-    #[error("git operation on the store failed: {0}")]
+    #[error("git operation on the store failed: {0}{hint}", hint = os_hint(.0))]
     Git(#[from] git2::Error),
     #[error(transparent)]
     File(#[from] fsutil::Error),
@@ -67,6 +67,16 @@ pub enum Error {
     Diverged(PathBuf),
     #[error(transparent)]
     Signing(#[from] crate::signing::Error),
+}
+
+/// What to do about a git error that came from the operating system (a full disk, a
+/// read-only file system, permissions): rotd changed nothing it could not finish.
+fn os_hint(e: &git2::Error) -> &'static str {
+    if e.class() == git2::ErrorClass::Os {
+        " (check the store's disk: free space, a writable file system, permissions; then run the command again: an unfinished rotation is recovered)"
+    } else {
+        ""
+    }
 }
 
 /// Which file of a secret.
