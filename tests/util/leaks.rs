@@ -5,7 +5,8 @@
 //! Basic header, `base64(id:key)` and `id:key` as in an ApiKey header) are searched
 //! for in:
 //! - everything rotd printed in this env (stdout and stderr at TRACE), plus any text
-//!   the test recorded (metrics pages, socket answers);
+//!   the test recorded (metrics pages, socket answers), plus `rotd status --json`
+//!   and `rotd history --json` run at the end;
 //! - every other object in both git repositories (commit messages, trees, blobs that
 //!   are not age files);
 //! - every file under the env's root (daemon logs, Prometheus data, fixtures) except
@@ -81,6 +82,13 @@ impl TestEnv {
         }
         for (i, o) in self.outputs.lock().unwrap().iter().enumerate() {
             haystacks.push((format!("rotd output #{i}"), o.clone()));
+        }
+        // The read-only views, whatever state the test left.
+        for args in [&["status", "--json"][..], &["history", "--json"][..]] {
+            if let Ok(o) = self.cmd(args).stdin(std::process::Stdio::null()).output() {
+                haystacks.push((format!("rotd {}", args.join(" ")), o.stdout));
+                haystacks.push((format!("rotd {} (stderr)", args.join(" ")), o.stderr));
+            }
         }
         let allowed = self.allowed_holders();
         let store_git = self.store.join(".git");
