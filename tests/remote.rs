@@ -1,6 +1,7 @@
 //! The store remote under fire: unreachable (rotate locally, push later, `status`
 //! counts what is unpushed) and two instances racing for the same secret (the push of
-//! the `pending` commit is the compare-and-swap: exactly one wins).
+//! the `pending` commit is the compare-and-swap: exactly one wins), and a rejected
+//! pending push made deterministic.
 
 mod util;
 
@@ -147,5 +148,51 @@ fn two_instances_racing_for_one_secret_never_both_rotate() {
     assert_eq!(
         stdout(&o).trim(),
         std::fs::read_to_string(a.path("consumer/token")).unwrap()
+    );
+}
+
+/// A rejected push of the pending commit, made deterministic: the remote's branch is
+/// locked (`refs/heads/main.lock`, as while another pusher updates it), so the
+/// compare-and-swap cannot succeed. The rotation stands down before touching
+/// anything; the pending commit is dropped again, locally too.
+#[test]
+fn a_rejected_pending_push_stands_down_and_changes_nothing() {
+    let env = TestEnv::new();
+    files_schedule(&env);
+    let o = env.rotd(&["rotate", "apm-token"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let consumer = env.path("consumer/token");
+    let before = std::fs::read_to_string(&consumer).unwrap();
+    let head = stdout(&git(&env.store, &["rev-parse", "HEAD"]));
+    let lock = env.remote.join("refs/heads/main.lock");
+    std::fs::create_dir_all(lock.parent().unwrap()).unwrap();
+    std::fs::write(&lock, &head).unwrap();
+    let o = env.rotd(&["rotate", "apm-token"]);
+    assert_eq!(o.status.code(), Some(1), "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stdout(&o).contains("another rotd instance"),
+        "{}",
+        stdout(&o)
+    );
+    assert_eq!(
+        stdout(&git(&env.store, &["rev-parse", "HEAD"])),
+        head,
+        "dropped locally"
+    );
+    assert_eq!(stdout(&git(&env.remote, &["rev-parse", "main"])), head);
+    assert!(!env.head_files().iter().any(|f| f.ends_with(".pending.age")));
+    assert_eq!(std::fs::read_to_string(&consumer).unwrap(), before);
+    let incoming = stdout(&git(&env.remote, &["for-each-ref", "refs/rotd/"]));
+    assert!(
+        incoming.is_empty(),
+        "no private ref left on the remote: {incoming}"
+    );
+    std::fs::remove_file(&lock).unwrap();
+    let o = env.rotd(&["rotate", "apm-token"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_ne!(std::fs::read_to_string(&consumer).unwrap(), before);
+    assert_eq!(
+        stdout(&git(&env.remote, &["rev-parse", "main"])),
+        stdout(&git(&env.store, &["rev-parse", "HEAD"]))
     );
 }
