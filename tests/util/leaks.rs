@@ -14,9 +14,10 @@
 //!   paths of the schedules in `schedules/`, and files the test declared with
 //!   [`TestEnv::allow_holder`].
 //!
-//! It also fails on a rotd temp file (`.rotd-tmp-*`) left anywhere. A test that
-//! builds a store by other means than rotd opts out with `skip_leak_check`; one that
-//! commits a plaintext secret by hand sets `planted_leak_in_git`.
+//! It also fails on a rotd temp file (`.rotd-tmp-*`) left anywhere, and on an
+//! identity file that group or others can access. A test that builds a store by
+//! other means than rotd opts out with `skip_leak_check`; one that commits a
+//! plaintext secret by hand sets `planted_leak_in_git`.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -38,6 +39,16 @@ impl TestEnv {
         let Ok(keys) = rotd::store::Keys::load(&self.identity, None) else {
             return; // never initialised
         };
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&self.identity)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(
+            mode & 0o077,
+            0,
+            "the identity file is group/world accessible: {mode:o}"
+        );
         let mut secrets = BTreeSet::new();
         let mut haystacks: Vec<(String, Vec<u8>)> = Vec::new();
         for repo in [&self.store, &self.remote] {
