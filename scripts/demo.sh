@@ -104,16 +104,21 @@ export ROTD_CONFIG="$work/rotd.toml"
 printf '%s\n' "$reader_pw" | "$rotd" import prom-reader --username prom-reader
 printf '%s\n' "$writer_pw" | "$rotd" import prom-remote-write --username writer-a
 "$rotd" check
-sleep 3
-"$rotd" rotate prom-remote-write
-sleep 3
-"$rotd" rotate prom-remote-write
-sleep 3
+# ROTATIONS, PAUSE (seconds between them) and STEP_LOG (a file that gets rotd's log
+# lines, for bench/e2e-prometheus.sh) let the benchmark reuse this setup.
+rotations="${ROTATIONS:-2}"
+pause="${PAUSE:-3}"
+steplog="${STEP_LOG:-/dev/null}"
+sleep "$pause"
+for _ in $(seq "$rotations"); do
+  "$rotd" rotate prom-remote-write 2> >(tee -a "$steplog" >&2)
+  sleep "$pause"
+done
 "$rotd" status
 echo
 "$rotd" history prom-remote-write
 failed=$(curl -s "http://127.0.0.1:$agent_port/metrics" | awk '/^prometheus_remote_storage_samples_failed_total/ {s+=$2} END {print s+0}')
 sent=$(curl -s "http://127.0.0.1:$agent_port/metrics" | awk '/^prometheus_remote_storage_samples_total/ {s+=$2} END {print s+0}')
 echo
-echo "agent: $sent samples sent, $failed refused during two rotations"
+echo "agent: $sent samples sent, $failed refused during $rotations rotations"
 [ "$failed" = "0" ]

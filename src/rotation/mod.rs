@@ -180,6 +180,46 @@ fn fault_point(step: &str) {
     }
 }
 
+/// Times a rotation's steps (logged with its outcome: `rotd_log=info` shows where a
+/// rotation's time went; bench/e2e-prometheus.sh reads it) and hosts the test hook at
+/// each step's end.
+struct Steps {
+    last: std::time::Instant,
+    times: Vec<(&'static str, Duration)>,
+}
+
+impl Steps {
+    fn new() -> Steps {
+        Steps {
+            last: std::time::Instant::now(),
+            times: Vec::new(),
+        }
+    }
+
+    /// The time since the previous mark goes to `step`.
+    fn mark(&mut self, step: &'static str) {
+        let now = std::time::Instant::now();
+        self.times.push((step, now - self.last));
+        self.last = now;
+    }
+
+    /// [`Steps::mark`], then the crash test hook.
+    fn done(&mut self, step: &'static str) {
+        self.mark(step);
+        fault_point(step);
+    }
+}
+
+impl std::fmt::Display for Steps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (step, d)) in self.times.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            write!(f, "{sep}{step} {:.1} ms", d.as_secs_f64() * 1000.0)?;
+        }
+        Ok(())
+    }
+}
+
 /// Runs blocking store work off the async runtime.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, store::Error> + Send + 'static,
@@ -272,9 +312,11 @@ impl Engine {
     /// Rotates one secret now.
     pub async fn rotate(&self, name: &str, trigger: Trigger) -> Result<Outcome, Error> {
         let sched = self.schedule(name)?.clone();
+        let mut steps = Steps::new();
         let store = self.store.clone();
         let lock_name = name.to_owned();
         let _lock = blocking(move || store.lock_secret(&lock_name, true)).await?;
+        steps.mark("lock");
 
         // 1 plan: catch up with the remote first, so that a rotation another instance
         // has in flight is seen (and not rotated over).
@@ -319,6 +361,7 @@ impl Engine {
         tracing::info!(secret = name, rotation = %rotation, trigger = %trigger, username = ?plan.username, "rotation started");
 
         // 2 pending
+        steps.mark("plan");
         let new_secret = secret::generate(sched.length, sched.charset)?;
         let mut pending = Record::new(new_secret)
             .with(key::CREATED, now_rfc3339())
@@ -356,7 +399,7 @@ impl Engine {
             }
             Push::Pushed | Push::NoRemote => {}
         }
-        fault_point("pending");
+        steps.done("pending");
 
         // 3 apply, 4 deliver, 5 probe
         let mut undo: Option<targets::Undo> = None;
@@ -391,7 +434,7 @@ impl Engine {
                     .map_err(|e| format!("recording the new credential: {e}"))?;
                 self.push_logged().await;
             }
-            fault_point("apply");
+            steps.done("apply");
             let encoded = Self::encoded(&pending);
             let vars = Self::vars(&sched, &pending, encoded.as_ref(), &rotation);
             match deliver::deliver(&sched.deliver, &vars).await {
@@ -401,7 +444,7 @@ impl Engine {
                     return Err(format!("deliver: {e}"));
                 }
             }
-            fault_point("deliver");
+            steps.done("deliver");
             let ctx = targets::ProbeContext {
                 name: &sched.name,
                 rotation_id: &rotation,
@@ -413,7 +456,7 @@ impl Engine {
                 .probe(&pending, &ctx)
                 .await
                 .map_err(|e| format!("probe: {e}"))?;
-            fault_point("probe");
+            steps.done("probe");
             Ok(report)
         }
         .await;
@@ -422,7 +465,7 @@ impl Engine {
             Ok(r) => r,
             Err(reason) => {
                 let reason = scrub(&reason, &pending, current.as_ref());
-                tracing::warn!(secret = name, rotation = %rotation, %reason, "rotation failed; rolling back");
+                tracing::warn!(secret = name, rotation = %rotation, %reason, %steps, "rotation failed; rolling back");
                 return self
                     .roll_back(
                         &sched,
@@ -473,15 +516,17 @@ impl Engine {
                 left: format!("the new credential is live and recorded in {}; run `rotd rotate {name}` again to roll it back", rel_path(name, Slot::Pending)),
             });
         }
-        fault_point("commit");
+        steps.done("commit");
         self.push_logged().await;
-        tracing::info!(secret = name, rotation = %rotation, probe_ms = report.elapsed.as_millis() as u64, "rotation succeeded");
+        steps.mark("push");
 
         // 7 retire (now, when the grace has already passed)
         let mut retired = false;
         if sched.grace == Duration::ZERO && retires {
             retired = self.retire_locked(&sched).await.is_ok();
+            steps.mark("retire");
         }
+        tracing::info!(secret = name, rotation = %rotation, probe_ms = report.elapsed.as_millis() as u64, %steps, "rotation succeeded");
         Ok(Outcome::Succeeded { rotation, retired })
     }
 
