@@ -709,6 +709,19 @@ mod tests {
         assert!(e.starts_with("response could not be decoded: "), "{e}");
         // `data` is required, as before.
         assert!(query_found(br#"{"status":"success"}"#).is_err());
+        // Found by fuzzing (prom_query): bytes that are not UTF-8, or a lone
+        // surrogate escape, in a field rotd skips are not checked (serde_json skips
+        // strings unvalidated); in a field it reads they are refused.
+        let mut body = br#"{"status":"success","data":{"resultType":""#.to_vec();
+        body.extend_from_slice(&[0xff; 4]);
+        body.extend_from_slice(br#"","result":[1733106601.123,"1"]}}"#);
+        assert_eq!(query_found(&body), Ok(true));
+        let body = br#"{"status":"success","data":{"resultType":"\ud800","result":[1,"1"]}}"#;
+        assert_eq!(query_found(body), Ok(true));
+        let mut body = br#"{"status":"success","data":{"resultType":"vector","result":[""#.to_vec();
+        body.extend_from_slice(&[0xff; 4]);
+        body.extend_from_slice(br#""]}}"#);
+        assert!(query_found(&body).is_err());
     }
 
     #[test]
