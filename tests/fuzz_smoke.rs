@@ -1,7 +1,12 @@
 //! A stable-Rust stand-in for the cargo-fuzz targets in `fuzz/`: the committed seed
 //! corpus and 10,000 random mutations of it go through each parser (a schedule file,
-//! the Prometheus web config, a store record). None may panic, and each input must be
-//! handled quickly. For a long coverage-guided run see fuzz/README.md.
+//! the Prometheus web config, a store record, an Elasticsearch response body, the
+//! Prometheus query answer). None may panic or break a property of `fuzz/harness.rs`
+//! (shared with the fuzz targets), and each input must be handled quickly. For the
+//! coverage-guided runs see fuzz/README.md.
+
+#[path = "../fuzz/harness.rs"]
+mod harness;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -25,7 +30,7 @@ impl Rng {
     }
 }
 
-/// Fragments that mean something to TOML, YAML, cron, templates and records.
+/// Fragments that mean something to TOML, YAML, cron, templates, records and JSON.
 #[rustfmt::skip]
 const TOKENS: &[&str] = &[
     "\n", "\r\n", "=", ":", "[", "]", "[[", "]]", "{", "}", "\"", "'''", "\"\"\"", ",", "#",
@@ -35,6 +40,9 @@ const TOKENS: &[&str] = &[
     "kind = \"elasticsearch-api-key\"", "[target]", "[[deliver]]", "[probe]", "[generate]",
     "schedule = \"", "grace = \"", "length = ", "charset = \"", "basic_auth_users:",
     "username: ", "key-id: ", "retire-after: ",
+    "true", "false", "[]", "{}", "\\u0000", "\\ud800", "1e400", "-0", "18446744073709551616",
+    "\"api_keys\":[", "\"id\":", "\"invalidated\":", "\"error\":{", "\"error_count\":",
+    "\"status\":\"success\"", "\"result\":[", "[[[[[[[[[[[[[[[[", "{\"a\":{\"a\":{\"a\":",
 ];
 
 fn corpus(kind: &str) -> Vec<Vec<u8>> {
@@ -122,30 +130,25 @@ fn run(kind: &str, seed: u64, mut parse: impl FnMut(&[u8])) {
 
 #[test]
 fn schedule_parser_never_panics() {
-    let path = Path::new("/nonexistent/rotd-fuzz/schedules/fuzz.toml");
-    run("schedule", 0x5EED_0001, |data| {
-        if let Ok(text) = std::str::from_utf8(data) {
-            let mut problems = Vec::new();
-            let _ = rotd::config::parse_schedule_str(text, path, &mut problems);
-            for p in &problems {
-                let _ = p.to_string();
-            }
-        }
-    });
+    run("schedule", 0x5EED_0001, harness::schedule);
 }
 
 #[test]
 fn web_config_parser_never_panics() {
-    run("web_config", 0x5EED_0002, |data| {
-        let _ = rotd::targets::prometheus::WebConfig::parse(data, Path::new("web.yml"));
-    });
+    run("web_config", 0x5EED_0002, harness::web_config);
 }
 
 #[test]
 fn record_parser_never_panics_and_round_trips() {
-    run("record", 0x5EED_0003, |data| {
-        if let Ok(r) = rotd::store::Record::parse(data) {
-            rotd::store::Record::parse(&r.to_plaintext()).expect("a parsed record parses again");
-        }
-    });
+    run("record", 0x5EED_0003, harness::record);
+}
+
+#[test]
+fn elasticsearch_response_decisions_never_panic() {
+    run("es_response", 0x5EED_0004, harness::es_response);
+}
+
+#[test]
+fn prometheus_query_answer_never_panics() {
+    run("prom_query", 0x5EED_0005, harness::prom_query);
 }

@@ -1,7 +1,9 @@
 //! The exporter-toolkit web config (YAML) rotd edits for prometheus-remote-write.
+//! The property checks live in `../harness.rs`, shared with `tests/fuzz_smoke.rs`.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| {
-    let _ = rotd::targets::prometheus::WebConfig::parse(data, std::path::Path::new("web.yml"));
-});
+#[path = "../harness.rs"]
+mod harness;
+
+fuzz_target!(|data: &[u8]| harness::web_config(data));

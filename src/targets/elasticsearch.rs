@@ -338,7 +338,11 @@ impl Connection {
             match req.send().await {
                 Ok(r) => {
                     let status = r.status().as_u16();
-                    let v: Value = r.json().await.unwrap_or(Value::Null);
+                    let v = r
+                        .bytes()
+                        .await
+                        .map(|b| parse_body(&b))
+                        .unwrap_or(Value::Null);
                     if status == 429 || status >= 500 {
                         last = describe_error(&method, shown, status, &v);
                         tracing::debug!(attempt, reason = %last, "elasticsearch call failed; retrying");
@@ -544,24 +548,20 @@ impl Config {
                 Some(&body),
             )
             .await?;
-        let (Some(id), Some(api_key)) = (v["id"].as_str(), v["api_key"].as_str()) else {
+        let Some(created) = created_key(&v) else {
             return Err(Error::Es(
                 "POST /_security/api_key: the answer has no id or api_key".into(),
             ));
         };
+        let id = created.id;
         let mut rec = Record {
-            secret: Secret::new(api_key.to_owned()),
+            secret: Secret::new(created.api_key.to_owned()),
             meta: new.meta.clone(),
         };
         rec.set(key::KEY_ID, id);
         rec.set(key::PERMISSIONS, self.permissions_hash(ctx.name));
-        if let Some(ms) = v["expiration"].as_i64() {
-            if let Some(t) = chrono::DateTime::from_timestamp_millis(ms) {
-                rec.set(
-                    key::EXPIRES,
-                    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                );
-            }
+        if let Some(expires) = created.expires {
+            rec.set(key::EXPIRES, expires);
         }
         tracing::info!(key_id = id, key_name = %name, "new API key created");
         Ok(Undo {
@@ -597,41 +597,7 @@ impl Config {
         auth: &Auth,
         absent: &[(String, String)],
     ) -> Result<(), Error> {
-        let cluster_excess: Vec<&str> = EXCESS_CLUSTER
-            .iter()
-            .copied()
-            .filter(|p| !implied(&self.cluster, p, cluster_implies))
-            .collect();
-        let mut cluster: Vec<&str> = self.cluster.iter().map(String::as_str).collect();
-        cluster.extend(&cluster_excess);
-        let mut index = Vec::new();
-        let mut expected: Vec<(String, String, bool)> = Vec::new();
-        for p in &self.indices {
-            for n in &p.names {
-                let mut privs: Vec<&str> = p.privileges.iter().map(String::as_str).collect();
-                for x in &privs {
-                    expected.push((n.clone(), x.to_string(), true));
-                }
-                for x in EXCESS_INDEX {
-                    if !implied(&p.privileges, x, index_implies) {
-                        expected.push((n.clone(), x.to_string(), false));
-                        privs.push(x);
-                    }
-                }
-                index.push(json!({"names": [n], "privileges": privs}));
-            }
-        }
-        for (n, p) in absent {
-            let declared = self
-                .indices
-                .iter()
-                .any(|d| d.names.contains(n) && implied(&d.privileges, p, index_implies));
-            if !declared && !expected.iter().any(|(en, ep, _)| en == n && ep == p) {
-                expected.push((n.clone(), p.clone(), false));
-                index.push(json!({"names": [n], "privileges": [p]}));
-            }
-        }
-        let body = json!({"cluster": cluster, "index": index});
+        let check = PrivilegeCheck::new(&self.cluster, &self.indices, absent);
         let v = self
             .conn
             .call_ok(
@@ -639,29 +605,11 @@ impl Config {
                 reqwest::Method::POST,
                 "/_security/user/_has_privileges",
                 auth,
-                Some(&body),
+                Some(&check.body),
             )
             .await
             .map_err(|e| Error::Probe(format!("_has_privileges with the new key: {e}")))?;
-        let mut problems = Vec::new();
-        for c in &self.cluster {
-            if v["cluster"][c] != json!(true) {
-                problems.push(format!("missing cluster privilege {c}"));
-            }
-        }
-        for c in &cluster_excess {
-            if v["cluster"][c] != json!(false) {
-                problems.push(format!("excess cluster privilege {c}"));
-            }
-        }
-        for (n, p, want) in &expected {
-            let held = v["index"][n][p].as_bool();
-            match (want, held) {
-                (true, Some(true)) | (false, Some(false)) => {}
-                (true, _) => problems.push(format!("missing index privilege {p} on {n}")),
-                (false, _) => problems.push(format!("excess index privilege {p} on {n}")),
-            }
-        }
+        let problems = check.problems(&v);
         if problems.is_empty() {
             Ok(())
         } else {
@@ -715,7 +663,7 @@ impl Config {
                 return Ok(None);
             }
         };
-        let version = info["version"]["number"].as_str().unwrap_or("");
+        let version = cluster_version(&info);
         if !supports_update(version) {
             tracing::info!(
                 version,
@@ -734,13 +682,7 @@ impl Config {
             )
             .await
         {
-            Ok(v) => v["api_keys"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|k| k["id"].as_str() == Some(id))
-                .map(|k| k["role_descriptors"].clone())
-                .unwrap_or(Value::Null),
+            Ok(v) => role_descriptors_of(&v, id),
             Err(e) => {
                 tracing::warn!(error = %e, key_id = id, "cannot read the live key; rotating to apply the new permissions");
                 return Ok(None);
@@ -822,13 +764,9 @@ impl Config {
                 None,
             )
             .await?;
-        for k in v["api_keys"].as_array().into_iter().flatten() {
-            if k["name"].as_str() == Some(name.as_str()) && k["invalidated"] != json!(true) {
-                if let Some(id) = k["id"].as_str() {
-                    if !ids.iter().any(|x| x == id) {
-                        ids.push(id.to_owned());
-                    }
-                }
+        for id in live_keys_named(&v, &name) {
+            if !ids.iter().any(|x| x == id) {
+                ids.push(id.to_owned());
             }
         }
         if ids.is_empty() {
@@ -875,24 +813,8 @@ impl Config {
                 Some(&json!({"ids": ids})),
             )
             .await?;
-        if v["error_count"].as_u64().unwrap_or(0) > 0 {
-            let details: Vec<String> = v["error_details"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|d| {
-                    format!(
-                        "{}: {}",
-                        d["type"].as_str().unwrap_or("error"),
-                        d["reason"].as_str().unwrap_or("")
-                    )
-                })
-                .collect();
-            return Err(Error::Es(format!(
-                "DELETE /_security/api_key reported {} error(s): {}",
-                v["error_count"],
-                details.join("; ")
-            )));
+        if let Some(e) = invalidate_errors(&v) {
+            return Err(Error::Es(e));
         }
         for id in ids {
             let (status, v) = self
@@ -916,13 +838,7 @@ impl Config {
                     &v,
                 )));
             }
-            let invalidated = v["api_keys"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|k| k["id"].as_str() == Some(id.as_str()))
-                .all(|k| k["invalidated"] == json!(true));
-            if !invalidated {
+            if !is_invalidated(&v, id) {
                 return Err(Error::Es(format!(
                     "API key {id} is still valid after the invalidate call"
                 )));
@@ -955,7 +871,7 @@ pub(crate) async fn probe_document(
         )
         .await
         .map_err(|e| Error::Probe(format!("indexing into {ds} with {who}: {e}")))?;
-    let (Some(index), Some(doc_id)) = (v["_index"].as_str(), v["_id"].as_str()) else {
+    let Some((index, doc_id)) = indexed_doc(&v) else {
         return Err(Error::Probe(format!(
             "indexing into {ds}: the answer has no _index or _id"
         )));
@@ -970,9 +886,7 @@ pub(crate) async fn probe_document(
         )
         .await
         .map_err(|e| Error::Probe(format!("reading the probe document back: {e}")))?;
-    if got["found"] != json!(true)
-        || got["_source"]["rotd"]["rotation"].as_str() != Some(ctx.rotation_id)
-    {
+    if !probe_doc_found(&got, ctx.rotation_id) {
         return Err(Error::Probe(format!(
             "the probe document {doc_id} is not found in {index}"
         )));
@@ -980,9 +894,214 @@ pub(crate) async fn probe_document(
     Ok(())
 }
 
+// Decisions on response bodies. Each one is pure (bytes or a `Value` in, a decision
+// out), so unit tests pin it against real Elasticsearch 8.x answers and
+// `fuzz/fuzz_targets/es_response.rs` feeds it arbitrary bytes: a malformed or hostile
+// answer must give a refusal, never a panic. None of them puts a response body into
+// a message beyond what `describe_error` and `invalidate_errors` summarise.
+
+/// A response body as `Connection::call` sees it: its JSON, or `Null` when the body
+/// is not JSON (an HTML error page from a proxy, a cut-off answer).
+pub fn parse_body(body: &[u8]) -> Value {
+    serde_json::from_slice(body).unwrap_or(Value::Null)
+}
+
+/// What `POST /_security/api_key` answered for a new key.
+#[derive(Debug, PartialEq, Eq)]
+pub struct CreatedKey<'a> {
+    pub id: &'a str,
+    /// The key's secret: never put it into a message.
+    pub api_key: &'a str,
+    /// `expiration` (epoch milliseconds) as RFC 3339, when the answer has one.
+    pub expires: Option<String>,
+}
+
+/// The id, `api_key` and expiry of a `POST /_security/api_key` answer; None when the
+/// id or the `api_key` is missing.
+pub fn created_key(v: &Value) -> Option<CreatedKey<'_>> {
+    let (Some(id), Some(api_key)) = (v["id"].as_str(), v["api_key"].as_str()) else {
+        return None;
+    };
+    let expires = v["expiration"]
+        .as_i64()
+        .and_then(chrono::DateTime::from_timestamp_millis)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+    Some(CreatedKey {
+        id,
+        api_key,
+        expires,
+    })
+}
+
+/// The `version.number` of a `GET /` answer ("" when absent).
+pub fn cluster_version(info: &Value) -> &str {
+    info["version"]["number"].as_str().unwrap_or("")
+}
+
+/// The `role_descriptors` of key `id` in a `GET /_security/api_key` answer (`Null`
+/// when the key is not in it).
+pub fn role_descriptors_of(v: &Value, id: &str) -> Value {
+    v["api_keys"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|k| k["id"].as_str() == Some(id))
+        .map(|k| k["role_descriptors"].clone())
+        .unwrap_or(Value::Null)
+}
+
+/// The ids of the keys named exactly `name` and not invalidated, in a
+/// `GET /_security/api_key?name=…` answer.
+pub fn live_keys_named<'a>(v: &'a Value, name: &str) -> Vec<&'a str> {
+    v["api_keys"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|k| k["name"].as_str() == Some(name) && k["invalidated"] != json!(true))
+        .filter_map(|k| k["id"].as_str())
+        .collect()
+}
+
+/// The message for a `DELETE /_security/api_key` answer that reports errors
+/// (`error_count` > 0, with each `error_details` entry's type and reason); None when
+/// it reports none.
+pub fn invalidate_errors(v: &Value) -> Option<String> {
+    if v["error_count"].as_u64().unwrap_or(0) == 0 {
+        return None;
+    }
+    let details: Vec<String> = v["error_details"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|d| {
+            format!(
+                "{}: {}",
+                d["type"].as_str().unwrap_or("error"),
+                d["reason"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    Some(format!(
+        "DELETE /_security/api_key reported {} error(s): {}",
+        v["error_count"],
+        details.join("; ")
+    ))
+}
+
+/// Does a 2xx `GET /_security/api_key?id=…` answer confirm that key `id` is
+/// invalidated? Every entry with that id must say `invalidated: true`; an answer
+/// without the id has nothing that could still authenticate.
+pub fn is_invalidated(v: &Value, id: &str) -> bool {
+    v["api_keys"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|k| k["id"].as_str() == Some(id))
+        .all(|k| k["invalidated"] == json!(true))
+}
+
+/// The `_index` and `_id` of a `POST /<ds>/_doc` answer.
+pub fn indexed_doc(v: &Value) -> Option<(&str, &str)> {
+    Some((v["_index"].as_str()?, v["_id"].as_str()?))
+}
+
+/// Does a `GET /<index>/_doc/<id>` answer hold the probe document of `rotation_id`?
+pub fn probe_doc_found(got: &Value, rotation_id: &str) -> bool {
+    got["found"] == json!(true) && got["_source"]["rotd"]["rotation"].as_str() == Some(rotation_id)
+}
+
+/// The `_has_privileges` request that checks a key holds the declared privileges and
+/// nothing more, and the reading of its answer.
+#[derive(Debug)]
+pub struct PrivilegeCheck {
+    /// The request body: `{"cluster": […], "index": [{"names": […], "privileges": […]}]}`.
+    pub body: Value,
+    declared_cluster: Vec<String>,
+    cluster_excess: Vec<&'static str>,
+    /// (index, privilege, must be held).
+    expected: Vec<(String, String, bool)>,
+}
+
+impl PrivilegeCheck {
+    /// Asks for the declared `cluster` and `indices` privileges, the excess ones
+    /// ([`EXCESS_CLUSTER`], [`EXCESS_INDEX`]) they do not imply, and the `absent`
+    /// (index, privilege) pairs (held before an in-place update, no longer declared).
+    pub fn new(
+        cluster: &[String],
+        indices: &[IndexPermission],
+        absent: &[(String, String)],
+    ) -> PrivilegeCheck {
+        let cluster_excess: Vec<&'static str> = EXCESS_CLUSTER
+            .iter()
+            .copied()
+            .filter(|p| !implied(cluster, p, cluster_implies))
+            .collect();
+        let mut asked: Vec<&str> = cluster.iter().map(String::as_str).collect();
+        asked.extend(&cluster_excess);
+        let mut index = Vec::new();
+        let mut expected: Vec<(String, String, bool)> = Vec::new();
+        for p in indices {
+            for n in &p.names {
+                let mut privs: Vec<&str> = p.privileges.iter().map(String::as_str).collect();
+                for x in &privs {
+                    expected.push((n.clone(), x.to_string(), true));
+                }
+                for x in EXCESS_INDEX {
+                    if !implied(&p.privileges, x, index_implies) {
+                        expected.push((n.clone(), x.to_string(), false));
+                        privs.push(x);
+                    }
+                }
+                index.push(json!({"names": [n], "privileges": privs}));
+            }
+        }
+        for (n, p) in absent {
+            let declared = indices
+                .iter()
+                .any(|d| d.names.contains(n) && implied(&d.privileges, p, index_implies));
+            if !declared && !expected.iter().any(|(en, ep, _)| en == n && ep == p) {
+                expected.push((n.clone(), p.clone(), false));
+                index.push(json!({"names": [n], "privileges": [p]}));
+            }
+        }
+        PrivilegeCheck {
+            body: json!({"cluster": asked, "index": index}),
+            declared_cluster: cluster.to_vec(),
+            cluster_excess,
+            expected,
+        }
+    }
+
+    /// What the `_has_privileges` answer `v` shows wrong: each declared privilege must
+    /// be answered `true` and each other one asked for `false`; anything else (missing,
+    /// not a boolean) is a problem. Empty: the key holds exactly what is declared.
+    pub fn problems(&self, v: &Value) -> Vec<String> {
+        let mut problems = Vec::new();
+        for c in &self.declared_cluster {
+            if v["cluster"][c] != json!(true) {
+                problems.push(format!("missing cluster privilege {c}"));
+            }
+        }
+        for c in &self.cluster_excess {
+            if v["cluster"][c] != json!(false) {
+                problems.push(format!("excess cluster privilege {c}"));
+            }
+        }
+        for (n, p, want) in &self.expected {
+            let held = v["index"][n][p].as_bool();
+            match (want, held) {
+                (true, Some(true)) | (false, Some(false)) => {}
+                (true, _) => problems.push(format!("missing index privilege {p} on {n}")),
+                (false, _) => problems.push(format!("excess index privilege {p} on {n}")),
+            }
+        }
+        problems
+    }
+}
+
 /// Does a cluster of `version` (e.g. "8.15.0") have `PUT /_security/api_key/<id>`
 /// (8.4 and later)?
-fn supports_update(version: &str) -> bool {
+pub fn supports_update(version: &str) -> bool {
     let mut parts = version.split(['.', '-']).map(|p| p.parse::<u32>().ok());
     match (parts.next().flatten(), parts.next().flatten()) {
         (Some(major), Some(minor)) => (major, minor) >= (8, 4),
@@ -1022,7 +1141,7 @@ fn canonical_json(v: &Value, out: &mut String) {
 }
 
 /// (index name, privilege) pairs held by role descriptors as `GET` answers them.
-fn held_index_privileges(descriptors: &Value) -> Vec<(String, String)> {
+pub fn held_index_privileges(descriptors: &Value) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for rd in descriptors.as_object().into_iter().flat_map(|m| m.values()) {
         for i in rd["indices"].as_array().into_iter().flatten() {
@@ -1048,7 +1167,7 @@ fn held_index_privileges(descriptors: &Value) -> Vec<(String, String)> {
 
 /// The part of `GET` role descriptors rotd sets (cluster, index names and
 /// privileges), to put them back with `PUT`.
-fn restorable(descriptors: &Value) -> Value {
+pub fn restorable(descriptors: &Value) -> Value {
     let mut out = serde_json::Map::new();
     for (name, rd) in descriptors.as_object().into_iter().flatten() {
         let indices: Vec<Value> = rd["indices"]
@@ -1128,8 +1247,8 @@ pub(crate) fn enc(s: &str) -> String {
 /// are summarised: the type and reason (for a 403 these name the action and the
 /// privileges that would grant it), `additional_unsuccessful_credentials` of a 401,
 /// and a hint per status. The body never holds the credential itself.
-pub(crate) fn describe_error(
-    method: &reqwest::Method,
+pub fn describe_error(
+    method: impl std::fmt::Display,
     path: &str,
     status: u16,
     v: &Value,
@@ -1332,6 +1451,210 @@ mod tests {
         let mut a = String::new();
         canonical_json(&json!({"b": [1, {"d": 1, "c": "x"}], "a": null}), &mut a);
         assert_eq!(a, r#"{"a":null,"b":[1,{"c":"x","d":1}]}"#);
+    }
+
+    /// `GET /_security/api_key` as Elasticsearch 8.x answers it (abridged).
+    fn get_api_keys() -> Value {
+        json!({"api_keys": [
+            {"id": "VuaCfGcBCdbkQm-e5aOx", "name": "rotd-s-01J0", "type": "rest",
+             "creation": 1548550550158_i64, "expiration": 1548551550158_i64,
+             "invalidated": false, "username": "admin", "realm": "native1",
+             "realm_type": "native", "metadata": {"managed_by": "rotd"},
+             "role_descriptors": {"rotd-s": {
+                 "cluster": ["monitor"],
+                 "indices": [{"names": ["logs-app-default"],
+                              "privileges": ["create_doc", "auto_configure"],
+                              "allow_restricted_indices": false}],
+                 "applications": [], "run_as": [], "metadata": {},
+                 "transient_metadata": {"enabled": true}}}},
+            {"id": "H3_AhoIBA9hmeQJdg7ij", "name": "rotd-s-01J0", "invalidated": true,
+             "invalidation": 1548551550158_i64, "role_descriptors": {}},
+            {"id": "other", "name": "rotd-s-01J1", "invalidated": false}
+        ]})
+    }
+
+    #[test]
+    fn bodies_that_are_not_json_are_null() {
+        assert_eq!(
+            parse_body(br#"{"acknowledged":true}"#),
+            json!({"acknowledged": true})
+        );
+        assert_eq!(parse_body(b""), Value::Null);
+        assert_eq!(
+            parse_body(b"<html><body>502 Bad Gateway</body></html>"),
+            Value::Null
+        );
+        assert_eq!(parse_body(br#"{"api_keys":[{"id":"a""#), Value::Null);
+        // Deeper than serde_json's recursion limit: refused, not a stack overflow.
+        assert_eq!(parse_body(&[b'['; 100_000]), Value::Null);
+    }
+
+    #[test]
+    fn created_key_answers() {
+        let v = json!({"id": "VuaCfGcBCdbkQm-e5aOx", "name": "rotd-s-01J0",
+            "expiration": 1544068612110_i64, "api_key": "ui2lp2axTNmsyakw9tvNnw",
+            "encoded": "VnVhQ2ZHY0JDZGJrUW0tZTVhT3g6dWkybHAyYXhUTm1zeWFrdzl0dk5udw=="});
+        assert_eq!(
+            created_key(&v),
+            Some(CreatedKey {
+                id: "VuaCfGcBCdbkQm-e5aOx",
+                api_key: "ui2lp2axTNmsyakw9tvNnw",
+                expires: Some("2018-12-06T03:56:52Z".into()),
+            })
+        );
+        assert_eq!(
+            created_key(&json!({"id": "i", "api_key": "k"})).and_then(|c| c.expires),
+            None
+        );
+        assert_eq!(created_key(&json!({"id": "i"})), None);
+        assert_eq!(created_key(&json!({"id": 1, "api_key": "k"})), None);
+        // Out-of-range or absurd expirations give no date, or one with a signed year.
+        assert_eq!(
+            created_key(&json!({"id": "i", "api_key": "k", "expiration": i64::MAX}))
+                .and_then(|c| c.expires),
+            None
+        );
+        let far = json!({"id": "i", "api_key": "k", "expiration": 253402300800000_i64});
+        assert_eq!(
+            created_key(&far).and_then(|c| c.expires).as_deref(),
+            Some("+10000-01-01T00:00:00Z")
+        );
+    }
+
+    #[test]
+    fn cluster_versions() {
+        let info = json!({"name": "es01", "cluster_name": "docker-cluster",
+            "version": {"number": "8.15.0", "build_flavor": "default",
+                        "lucene_version": "9.11.1",
+                        "minimum_wire_compatibility_version": "7.17.0"},
+            "tagline": "You Know, for Search"});
+        assert_eq!(cluster_version(&info), "8.15.0");
+        assert!(supports_update(cluster_version(&info)));
+        assert_eq!(cluster_version(&json!({"version": {"number": 8}})), "");
+        assert_eq!(cluster_version(&Value::Null), "");
+        assert!(!supports_update("99999999999.1"));
+    }
+
+    #[test]
+    fn api_key_lookups() {
+        let v = get_api_keys();
+        let rd = role_descriptors_of(&v, "VuaCfGcBCdbkQm-e5aOx");
+        assert_eq!(
+            held_index_privileges(&rd),
+            vec![
+                ("logs-app-default".to_owned(), "create_doc".to_owned()),
+                ("logs-app-default".to_owned(), "auto_configure".to_owned())
+            ]
+        );
+        assert_eq!(
+            restorable(&rd),
+            json!({"rotd-s": {"cluster": ["monitor"], "indices": [
+                {"names": ["logs-app-default"], "privileges": ["create_doc", "auto_configure"]}]}})
+        );
+        assert_eq!(role_descriptors_of(&v, "missing"), Value::Null);
+        assert_eq!(
+            role_descriptors_of(&json!({"api_keys": "x"}), "x"),
+            Value::Null
+        );
+        assert_eq!(
+            live_keys_named(&v, "rotd-s-01J0"),
+            vec!["VuaCfGcBCdbkQm-e5aOx"]
+        );
+        assert!(live_keys_named(&v, "rotd-s-").is_empty());
+        assert!(live_keys_named(&json!({"api_keys": [1, null, {"name": "n"}]}), "n").is_empty());
+    }
+
+    #[test]
+    fn invalidate_answers() {
+        let ok = json!({"invalidated_api_keys": ["VuaCfGcBCdbkQm-e5aOx"],
+            "previously_invalidated_api_keys": [], "error_count": 0});
+        assert_eq!(invalidate_errors(&ok), None);
+        let bad = json!({"invalidated_api_keys": [], "previously_invalidated_api_keys": [],
+            "error_count": 1, "error_details": [{"type": "exception",
+            "reason": "error occurred while invalidating api keys",
+            "caused_by": {"type": "illegal_argument_exception", "reason": "invalid api key id"}}]});
+        assert_eq!(
+            invalidate_errors(&bad).as_deref(),
+            Some("DELETE /_security/api_key reported 1 error(s): exception: error occurred while invalidating api keys")
+        );
+        assert_eq!(invalidate_errors(&Value::Null), None);
+        let v = get_api_keys();
+        assert!(is_invalidated(&v, "H3_AhoIBA9hmeQJdg7ij"));
+        assert!(!is_invalidated(&v, "VuaCfGcBCdbkQm-e5aOx"));
+        assert!(!is_invalidated(
+            &json!({"api_keys": [{"id": "a", "invalidated": "true"}]}),
+            "a"
+        ));
+        // Not in the answer: nothing with that id can authenticate.
+        assert!(is_invalidated(&json!({"api_keys": []}), "a"));
+    }
+
+    #[test]
+    fn probe_document_answers() {
+        let indexed = json!({"_index": ".ds-logs-app-default-2024.06.01-000001",
+            "_id": "W0tpsmIBdwcYyG50zbta", "_version": 1, "result": "created",
+            "_shards": {"total": 2, "successful": 1, "failed": 0},
+            "_seq_no": 0, "_primary_term": 1});
+        assert_eq!(
+            indexed_doc(&indexed),
+            Some((
+                ".ds-logs-app-default-2024.06.01-000001",
+                "W0tpsmIBdwcYyG50zbta"
+            ))
+        );
+        assert_eq!(indexed_doc(&json!({"_index": "i"})), None);
+        let got = json!({"_index": ".ds-logs-app-default-2024.06.01-000001",
+            "_id": "W0tpsmIBdwcYyG50zbta", "_version": 1, "found": true,
+            "_source": {"@timestamp": "2024-06-01T00:00:00.000Z",
+                        "rotd": {"rotation": "01J0", "secret": "s"}}});
+        assert!(probe_doc_found(&got, "01J0"));
+        assert!(!probe_doc_found(&got, "01J1"));
+        assert!(!probe_doc_found(
+            &json!({"_index": "i", "_id": "d", "found": false}),
+            "01J0"
+        ));
+    }
+
+    #[test]
+    fn privilege_answers() {
+        let declared = [IndexPermission {
+            names: vec!["logs-app-default".into()],
+            privileges: vec!["create_doc".into(), "auto_configure".into()],
+        }];
+        let absent = [("logs-app-default".to_owned(), "create".to_owned())];
+        let check = PrivilegeCheck::new(&["monitor".to_owned()], &declared, &absent);
+        assert_eq!(check.body["cluster"][0], "monitor");
+        assert_eq!(
+            check.body["index"][1],
+            json!({"names": ["logs-app-default"], "privileges": ["create"]})
+        );
+        let mut index = serde_json::Map::new();
+        for p in ["create_doc", "auto_configure"] {
+            index.insert(p.into(), json!(true));
+        }
+        for p in EXCESS_INDEX.iter().chain(&["create"]) {
+            index.insert((*p).into(), json!(false));
+        }
+        let mut cluster = serde_json::Map::new();
+        cluster.insert("monitor".into(), json!(true));
+        for p in EXCESS_CLUSTER {
+            cluster.insert((*p).into(), json!(false));
+        }
+        let mut answer = json!({"username": "admin", "has_all_requested": false,
+            "cluster": cluster, "index": {"logs-app-default": index}, "application": {}});
+        assert_eq!(check.problems(&answer), Vec::<String>::new());
+        answer["index"]["logs-app-default"]["read"] = json!(true);
+        answer["cluster"]["monitor"] = json!("true");
+        assert_eq!(
+            check.problems(&answer),
+            vec![
+                "missing cluster privilege monitor".to_owned(),
+                "excess index privilege read on logs-app-default".to_owned()
+            ]
+        );
+        // An answer that is not an object fails every privilege.
+        let n = check.problems(&Value::Null).len();
+        assert_eq!(n, 1 + EXCESS_CLUSTER.len() + 2 + EXCESS_INDEX.len() + 1);
     }
 
     #[test]

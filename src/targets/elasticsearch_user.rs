@@ -154,13 +154,7 @@ impl Config {
                 None,
             )
             .await?;
-        match v["username"].as_str() {
-            Some(u) if u == self.username => Ok(()),
-            other => Err(Error::Es(format!(
-                "GET /_security/_authenticate answered username {other:?}, expected {:?}",
-                self.username
-            ))),
-        }
+        authenticated_as(&v, &self.username).map_err(Error::Es)
     }
 
     pub async fn probe(&self, new: &Record, ctx: &ProbeContext<'_>) -> Result<ProbeReport, Error> {
@@ -215,5 +209,39 @@ impl Config {
             .map_err(|e| Error::Es(format!("the restored password does not authenticate: {e}")))?;
         tracing::info!(user = %self.username, "previous password restored");
         Ok(())
+    }
+}
+
+/// Does a `GET /_security/_authenticate` answer name `username`? The message says
+/// which user it named instead (a user name, never a password). Pure, for the unit
+/// tests and `fuzz/fuzz_targets/es_response.rs`.
+pub fn authenticated_as(v: &serde_json::Value, username: &str) -> Result<(), String> {
+    match v["username"].as_str() {
+        Some(u) if u == username => Ok(()),
+        other => Err(format!(
+            "GET /_security/_authenticate answered username {other:?}, expected {username:?}"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authenticate_answers() {
+        let v = json!({"username": "filebeat_writer", "roles": ["filebeat_writer"],
+            "full_name": null, "email": null, "metadata": {}, "enabled": true,
+            "authentication_realm": {"name": "default_native", "type": "native"},
+            "lookup_realm": {"name": "default_native", "type": "native"},
+            "authentication_type": "realm"});
+        assert_eq!(authenticated_as(&v, "filebeat_writer"), Ok(()));
+        let e = authenticated_as(&v, "other").unwrap_err();
+        assert_eq!(
+            e,
+            r#"GET /_security/_authenticate answered username Some("filebeat_writer"), expected "other""#
+        );
+        let e = authenticated_as(&serde_json::Value::Null, "u").unwrap_err();
+        assert!(e.contains("answered username None"), "{e}");
     }
 }
