@@ -290,7 +290,8 @@ async fn reload(r: &Reload) -> Result<(), Error> {
                 .map_err(|e| fail(crate::targets::http_error(&e)))?;
             let status = resp.status();
             if !status.is_success() {
-                let body = resp.text().await.unwrap_or_default();
+                let body = crate::targets::read_body(resp).await.unwrap_or_default();
+                let body = String::from_utf8_lossy(&body);
                 return Err(fail(format!("HTTP {status}: {}", truncate(&body, 300))));
             }
             Ok(())

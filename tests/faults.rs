@@ -20,6 +20,8 @@ enum Fault {
     ResetWrite,
     /// Resets the connection (RST) halfway through the answer to a query.
     ResetQuery,
+    /// Answers queries with a chunked body that never ends, as fast as it can.
+    Endless,
 }
 
 /// Closes `c` with an RST instead of a FIN (SO_LINGER with a zero timeout).
@@ -92,6 +94,15 @@ fn faulty_receiver(fault: Fault) -> String {
                     continue;
                 }
                 let _ = c.write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n");
+            } else if fault == Fault::Endless {
+                std::thread::spawn(move || {
+                    let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n");
+                    let mut chunk = format!("{:x}\r\n", 65536).into_bytes();
+                    chunk.resize(chunk.len() + 65536, b' ');
+                    chunk.extend_from_slice(b"\r\n");
+                    while c.write_all(&chunk).is_ok() {}
+                });
+                continue;
             } else {
                 let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 400\r\nConnection: close\r\n\r\n{\"status\":\"success\",\"data\":{\"resultType\":\"vec");
                 if fault == Fault::ResetQuery {
@@ -396,4 +407,25 @@ fn a_store_disk_that_fills_mid_rotation_keeps_the_live_secret_recorded() {
     assert!(o.status.success(), "{}", stderr(&o));
     git_fsck_clean(&env);
     env.assert_no_secret_leaked();
+}
+
+/// A query answer that never ends: rotd stops reading at its cap (16 MiB), rolls back
+/// within the probe's bounds, and its memory stays small.
+#[test]
+fn an_endless_query_answer_is_cut_at_the_cap_and_rolls_back() {
+    let env = TestEnv::new();
+    let web = schedule(&env, &faulty_receiver(Fault::Endless));
+    let before = std::fs::read(&web).unwrap();
+    let o = env.rotd(&["rotate", "prom-remote-write"]);
+    assert_clean_rollback(&env, &web, &before, &o, "larger than the 16 MiB rotd reads");
+    // The largest child this test process has waited for (rotd runs only, here).
+    // SAFETY: getrusage fills the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    assert_eq!(
+        unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) },
+        0
+    );
+    let peak_mib = ru.ru_maxrss / 1024;
+    eprintln!("peak RSS of rotd children: {peak_mib} MiB");
+    assert!(peak_mib < 150, "rotd held {peak_mib} MiB");
 }

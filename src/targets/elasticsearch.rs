@@ -338,11 +338,13 @@ impl Connection {
             match req.send().await {
                 Ok(r) => {
                     let status = r.status().as_u16();
-                    let v = r
-                        .bytes()
-                        .await
-                        .map(|b| parse_body(&b))
-                        .unwrap_or(Value::Null);
+                    let v = match super::read_body(r).await {
+                        Ok(b) => parse_body(&b),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "elasticsearch answer not read");
+                            Value::Null
+                        }
+                    };
                     if status == 429 || status >= 500 {
                         last = describe_error(&method, shown, status, &v);
                         tracing::debug!(attempt, reason = %last, "elasticsearch call failed; retrying");

@@ -292,6 +292,32 @@ pub(crate) fn client(timeout: Duration) -> Result<reqwest::Client, Error> {
         .map_err(|e| Error::Probe(format!("cannot build an HTTP client: {e}")))
 }
 
+/// The most rotd reads of a peer's answer. Its answers are small (a query result, an
+/// Elasticsearch response, an error page); a larger one, or one that never ends, is
+/// refused once this much has arrived rather than held in memory until the timeout.
+pub const MAX_BODY: usize = 16 << 20;
+
+/// Reads a response body, refusing it past [`MAX_BODY`].
+pub(crate) async fn read_body(mut resp: reqwest::Response) -> Result<Vec<u8>, String> {
+    let too_big = || {
+        format!(
+            "the answer is larger than the {} MiB rotd reads",
+            MAX_BODY >> 20
+        )
+    };
+    if resp.content_length().is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(too_big());
+    }
+    let mut out = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| http_error(&e))? {
+        if out.len() + chunk.len() > MAX_BODY {
+            return Err(too_big());
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
 /// Describes a reqwest error without its URL's query string (the URL is config, but
 /// keep errors short and free of anything a future caller may put there).
 pub(crate) fn http_error(e: &reqwest::Error) -> String {

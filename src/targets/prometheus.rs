@@ -302,7 +302,7 @@ impl Config {
                 .await;
             match resp {
                 Ok(r) if r.status().is_success() => {
-                    match r.bytes().await.map(|b| query_found(&b)) {
+                    match super::read_body(r).await.map(|b| query_found(&b)) {
                         Ok(Ok(true)) => {
                             return Ok(ProbeReport {
                                 elapsed: started.elapsed(),
@@ -313,10 +313,7 @@ impl Config {
                             last = format!("the probe sample is not (yet) visible in {query_url}")
                         }
                         Ok(Err(e)) => last = format!("query answer is not Prometheus JSON: {e}"),
-                        Err(e) => {
-                            last =
-                                format!("query answer is not Prometheus JSON: {}", http_error(&e))
-                        }
+                        Err(e) => last = format!("query answer is not Prometheus JSON: {e}"),
                     }
                 }
                 Ok(r) => {
