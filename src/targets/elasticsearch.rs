@@ -39,6 +39,12 @@
 //! 400 ms back-off); the time limit of one call is `[probe] timeout`. Error messages
 //! carry the method, path, status and Elasticsearch's `error.type`/`error.reason`,
 //! never a key, a password or an `Authorization` header.
+//!
+//! What rotd decides from an answer (is the key created, invalidated, found by name,
+//! are the privileges exact, what went wrong) is a pure function of the body
+//! ([`parse_body`], [`created_key`], [`PrivilegeCheck`], [`is_invalidated`], …), so
+//! unit tests pin it against real Elasticsearch 8.x answers and the `es_response`
+//! fuzz target (`fuzz/`) feeds it malformed and hostile bodies.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

@@ -17,7 +17,8 @@
 //!
 //! The probe pushes one remote-write 1.0 sample (protobuf, snappy block format) with a
 //! unique `rotation_id` label using the NEW credential, then finds it with an instant
-//! query (`/api/v1/query`) using the query credential.
+//! query (`/api/v1/query`) using the query credential. The answer is read by the pure
+//! [`query_found`], which the `prom_query` fuzz target (`fuzz/`) feeds arbitrary bytes.
 
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
