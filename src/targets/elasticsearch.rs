@@ -974,8 +974,14 @@ pub fn live_keys_named<'a>(v: &'a Value, name: &str) -> Vec<&'a str> {
 /// (`error_count` > 0, with each `error_details` entry's type and reason); None when
 /// it reports none.
 pub fn invalidate_errors(v: &Value) -> Option<String> {
-    if v["error_count"].as_u64().unwrap_or(0) == 0 {
+    let count = &v["error_count"];
+    if count.is_null() || count.as_u64() == Some(0) {
         return None;
+    }
+    if count.as_u64().is_none() {
+        return Some(
+            "DELETE /_security/api_key answered an error_count that is not a count".into(),
+        );
     }
     let details: Vec<String> = v["error_details"]
         .as_array()
@@ -997,13 +1003,15 @@ pub fn invalidate_errors(v: &Value) -> Option<String> {
 }
 
 /// Does a 2xx `GET /_security/api_key?id=…` answer confirm that key `id` is
-/// invalidated? Every entry with that id must say `invalidated: true`; an answer
-/// without the id has nothing that could still authenticate.
+/// invalidated? It must be such an answer (an `api_keys` list: a proxy's HTML page or
+/// any other body confirms nothing), and every entry with that id must say
+/// `invalidated: true`; a list without the id (ES 8 answers `[]` for an unknown id)
+/// has nothing that could still authenticate.
 pub fn is_invalidated(v: &Value, id: &str) -> bool {
-    v["api_keys"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let Some(keys) = v["api_keys"].as_array() else {
+        return false;
+    };
+    keys.iter()
         .filter(|k| k["id"].as_str() == Some(id))
         .all(|k| k["invalidated"] == json!(true))
 }
@@ -1595,6 +1603,11 @@ mod tests {
         ));
         // Not in the answer: nothing with that id can authenticate.
         assert!(is_invalidated(&json!({"api_keys": []}), "a"));
+        // Not such an answer at all (a proxy's page, another shape): not confirmed.
+        assert!(!is_invalidated(&Value::Null, "a"));
+        assert!(!is_invalidated(&json!({"keys": []}), "a"));
+        assert!(invalidate_errors(&json!({"error_count": "1"})).is_some());
+        assert_eq!(invalidate_errors(&json!({"error_count": 0})), None);
     }
 
     #[test]
