@@ -316,7 +316,7 @@ fn a_full_store_disk_before_the_rotation_changes_nothing() {
     let old = std::fs::read_to_string(&consumer).unwrap();
     disk.fill();
     let o = env.rotd(&["rotate", "apm-token"]);
-    assert!(!o.status.success(), "{}", stdout(&o));
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
     let text = format!("{}{}", stdout(&o), stderr(&o));
     let line = stderr(&o)
         .lines()
