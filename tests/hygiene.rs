@@ -157,19 +157,6 @@ fn no_secret_in_logs_outputs_commits_or_stray_files_at_trace_level() {
     }
 }
 
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
-}
-
 /// The drop-time check of every TestEnv (tests/util/leaks.rs) finds a secret in each
 /// place it searches: a file outside the deliver paths, rotd's output, a commit
 /// message, and the Basic-auth encoding of a user's password.

@@ -180,7 +180,7 @@ fn fault_point(step: &str) {
     }
 }
 
-/// Times a rotation's steps (logged with its outcome: `rotd_log=info` shows where a
+/// Times a rotation's steps (logged with its outcome at `info`: where a
 /// rotation's time went; bench/e2e-prometheus.sh reads it) and hosts the test hook at
 /// each step's end.
 struct Steps {
@@ -386,8 +386,7 @@ impl Engine {
             let bytes = store.encrypt_record(&rec)?;
             store.commit_and_push(vec![Change::Put { path, bytes }], &msg)
         })
-        .await?
-        .1;
+        .await?;
         match pushed {
             Push::Rejected(reason) => {
                 return Ok(Outcome::Aborted {

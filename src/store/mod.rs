@@ -511,11 +511,7 @@ impl Store {
     /// compare-and-swap between instances. When the remote rejects it, the commit is
     /// dropped again (HEAD back to its parent) before the lock is released, so no
     /// other commit of this clone can have landed on top of it.
-    pub fn commit_and_push(
-        &self,
-        changes: Vec<Change>,
-        msg: &Message,
-    ) -> Result<(Oid, Push), Error> {
+    pub fn commit_and_push(&self, changes: Vec<Change>, msg: &Message) -> Result<Push, Error> {
         let _lock = self.lock_store()?;
         let repo = self.repo()?;
         let oid = self.commit_locked(&repo, changes, msg)?;
@@ -524,7 +520,7 @@ impl Store {
             let parent = repo.find_commit(oid)?.parent(0)?;
             repo.reset(parent.as_object(), git2::ResetType::Hard, None)?;
         }
-        Ok((oid, push))
+        Ok(push)
     }
 
     fn callbacks(&self) -> git2::RemoteCallbacks<'_> {

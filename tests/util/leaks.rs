@@ -197,7 +197,8 @@ fn glob(pat: &[u8], s: &[u8]) -> bool {
     }
 }
 
-pub(super) fn walk(dir: &Path) -> Vec<PathBuf> {
+/// Every regular file under `dir`, recursively.
+pub fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let Ok(rd) = std::fs::read_dir(dir) else {
         return out;

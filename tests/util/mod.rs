@@ -5,6 +5,8 @@
 #![allow(dead_code)]
 
 mod leaks;
+#[allow(unused_imports)] // not every test binary walks a tree
+pub use leaks::walk;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
