@@ -250,6 +250,28 @@ impl SmallDisk {
         std::fs::remove_file(self.dir.join("filler")).unwrap();
     }
 
+    /// Makes the store's `secrets/` and git objects immutable (`chattr -R +i`: even
+    /// root cannot write there; a remount read-only is refused while rotd holds its
+    /// lock files open), through a handle that does not unmount on drop.
+    fn read_only_and_forget(self) {
+        self.chattr("+i");
+        std::mem::forget(self);
+    }
+
+    fn writable(&self) {
+        self.chattr("-i");
+    }
+
+    fn chattr(&self, how: &str) {
+        let o = std::process::Command::new("chattr")
+            .args(["-R", how])
+            .arg(self.dir.join("secrets"))
+            .arg(self.dir.join(".git/objects"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "chattr {how}: {}", stderr(&o));
+    }
+
     /// [`SmallDisk::fill`] through a handle that does not unmount on drop.
     fn fill_and_forget(self) {
         self.fill();
@@ -352,11 +374,42 @@ fn a_full_store_disk_before_the_rotation_changes_nothing() {
 /// recorded pending one, and once there is space again recovery rolls it back.
 #[test]
 fn a_store_disk_that_fills_mid_rotation_keeps_the_live_secret_recorded() {
+    store_fault_mid_rotation(StoreFault::Full);
+}
+
+/// The same with the store made read-only (immutable) while the probe runs.
+#[test]
+fn a_store_turned_read_only_mid_rotation_keeps_the_live_secret_recorded() {
+    store_fault_mid_rotation(StoreFault::ReadOnly);
+}
+
+#[derive(Clone, Copy)]
+enum StoreFault {
+    Full,
+    ReadOnly,
+}
+
+/// How a [`StoreFault`] shows, is made, and is mended.
+type FaultOps = (&'static str, fn(SmallDisk), fn(&SmallDisk));
+
+fn store_fault_mid_rotation(fault: StoreFault) {
+    let (errno_text, break_disk, mend_disk): FaultOps = match fault {
+        StoreFault::Full => (
+            "No space left on device",
+            SmallDisk::fill_and_forget,
+            SmallDisk::free,
+        ),
+        StoreFault::ReadOnly => (
+            "Operation not permitted",
+            SmallDisk::read_only_and_forget,
+            SmallDisk::writable,
+        ),
+    };
     let store_dir = std::sync::Arc::new(std::sync::Mutex::new(None::<std::path::PathBuf>));
     let armed = store_dir.clone();
     let url = probe_server(move || {
         if let Some(dir) = armed.lock().unwrap().as_ref() {
-            SmallDisk { dir: dir.clone() }.fill_and_forget();
+            break_disk(SmallDisk { dir: dir.clone() });
         }
     });
     let Some((env, disk, consumer)) = store_on_small_disk(&url) else {
@@ -368,7 +421,7 @@ fn a_store_disk_that_fills_mid_rotation_keeps_the_live_secret_recorded() {
     *store_dir.lock().unwrap() = None;
     let text = format!("{}{}", stdout(&o), stderr(&o));
     assert_eq!(o.status.code(), Some(2), "{text}");
-    assert!(text.contains("No space left on device"), "{text}");
+    assert!(text.contains(errno_text), "{text}");
     assert!(
         text.contains("apm-token.pending.age"),
         "says what is left: {text}"
@@ -382,7 +435,9 @@ fn a_store_disk_that_fills_mid_rotation_keeps_the_live_secret_recorded() {
         "the live secret is recorded"
     );
     git_fsck_clean(&env);
-    // Still full: recovery cannot commit, and says so without changing anything.
+    // Still broken: recovery cannot finish, and says what to do. Whatever it got to
+    // (a full disk stops it before the consumers, an immutable store at its commit),
+    // the consumer holds a recorded secret and the pending record stays in git.
     let o = env.rotd(&["retire"]);
     assert!(!o.status.success());
     assert!(
@@ -390,8 +445,12 @@ fn a_store_disk_that_fills_mid_rotation_keeps_the_live_secret_recorded() {
         "{}",
         stderr(&o)
     );
-    assert_eq!(std::fs::read_to_string(&consumer).unwrap(), live);
-    disk.free();
+    let held = std::fs::read_to_string(&consumer).unwrap();
+    assert!(held == live || held == old);
+    assert!(env
+        .head_files()
+        .contains(&"secrets/apm-token.pending.age".to_owned()));
+    mend_disk(&disk);
     let o = env.rotd(&["retire"]);
     assert!(o.status.success(), "recovery: {}", stderr(&o));
     assert_eq!(
@@ -416,16 +475,38 @@ fn an_endless_query_answer_is_cut_at_the_cap_and_rolls_back() {
     let env = TestEnv::new();
     let web = schedule(&env, &faulty_receiver(Fault::Endless));
     let before = std::fs::read(&web).unwrap();
-    let o = env.rotd(&["rotate", "prom-remote-write"]);
-    assert_clean_rollback(&env, &web, &before, &o, "larger than the 16 MiB rotd reads");
-    // The largest child this test process has waited for (rotd runs only, here).
-    // SAFETY: getrusage fills the struct it is given.
+    // Run and reap rotd here, to read its own peak RSS (wait4).
+    #[allow(clippy::zombie_processes)] // reaped by wait4 below
+    let mut child = env
+        .cmd(&["rotate", "prom-remote-write"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        err.read_to_end(&mut v).unwrap();
+        v
+    });
+    let mut stdout_bytes = Vec::new();
+    out.read_to_end(&mut stdout_bytes).unwrap();
+    let mut status = 0;
+    // SAFETY: wait4 on our own child, with valid pointers to a status and a rusage.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    assert_eq!(
-        unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) },
-        0
-    );
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
+    assert_eq!(pid, child.id() as i32);
+    use std::os::unix::process::ExitStatusExt;
+    let o = std::process::Output {
+        status: std::process::ExitStatus::from_raw(status),
+        stdout: stdout_bytes,
+        stderr: reader.join().unwrap(),
+    };
+    env.record(&o);
+    assert_clean_rollback(&env, &web, &before, &o, "larger than the 16 MiB rotd reads");
     let peak_mib = ru.ru_maxrss / 1024;
-    eprintln!("peak RSS of rotd children: {peak_mib} MiB");
+    eprintln!("peak RSS of rotd: {peak_mib} MiB");
     assert!(peak_mib < 150, "rotd held {peak_mib} MiB");
 }

@@ -45,7 +45,7 @@ pub enum Error {
     NotInitialised(PathBuf),
     #[error("git operation on the store failed: {0}{hint}", hint = os_hint(.0))]
     Git(#[from] git2::Error),
-    #[error(transparent)]
+    #[error("{0}{hint}", hint = file_hint(.0))]
     File(#[from] fsutil::Error),
     #[error(transparent)]
     Crypto(#[from] crypto::Error),
@@ -69,13 +69,33 @@ pub enum Error {
     Signing(#[from] crate::signing::Error),
 }
 
-/// What to do about a git error that came from the operating system (a full disk, a
-/// read-only file system, permissions): rotd changed nothing it could not finish.
+/// What to do when the store's disk refuses a write: rotd changed nothing it could not
+/// finish, and the journal recovers an unfinished rotation at the next command.
+const DISK_HINT: &str = " (check the store's disk: free space, a writable file system, permissions; then run the command again: an unfinished rotation is recovered)";
+
+/// [`DISK_HINT`] for a git error that came from the operating system.
 fn os_hint(e: &git2::Error) -> &'static str {
     if e.class() == git2::ErrorClass::Os {
-        " (check the store's disk: free space, a writable file system, permissions; then run the command again: an unfinished rotation is recovered)"
+        DISK_HINT
     } else {
         ""
+    }
+}
+
+/// [`DISK_HINT`] for a store file that could not be written because of the disk
+/// (full, read-only, immutable, not permitted).
+fn file_hint(e: &fsutil::Error) -> &'static str {
+    use std::io::ErrorKind::{PermissionDenied, QuotaExceeded, ReadOnlyFilesystem, StorageFull};
+    match e {
+        fsutil::Error::Write { source, .. }
+            if matches!(
+                source.kind(),
+                StorageFull | ReadOnlyFilesystem | PermissionDenied | QuotaExceeded
+            ) =>
+        {
+            DISK_HINT
+        }
+        _ => "",
     }
 }
 
