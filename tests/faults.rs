@@ -1,8 +1,8 @@
 //! Hostile and broken peers: a receiver that cuts its answer short mid-body, one that
 //! resets the connection (TCP RST) mid-response, a name that does not resolve. Each
 //! must end in a clean rollback (exit 1), the web config byte-identical, nothing
-//! pending. And a store whose disk fills up: before the rotation, and in the middle
-//! of it (between the pending and the succeeded commit).
+//! pending. And a store whose disk fills up (before the rotation, and in the middle
+//! of it, between the pending and the succeeded commit) or turns read-only mid-way.
 
 mod util;
 
