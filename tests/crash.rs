@@ -56,7 +56,8 @@ fn sigkill_after_every_step_recovers_and_keeps_every_live_credential_recorded() 
     let steps = ["pending", "apply", "deliver", "probe", "commit"];
     for step in steps {
         let env = TestEnv::new();
-        let setup = PromSetup::start(&env, "15m", true);
+        // Grace 0 s: "after recovery + grace" is right after recovery.
+        let setup = PromSetup::start(&env, "0s", true);
         let agent = setup.agent.as_ref().unwrap();
         let o = env.run(
             env.cmd(&["rotate", "prom-remote-write"])
@@ -86,18 +87,22 @@ fn sigkill_after_every_step_recovers_and_keeps_every_live_credential_recorded() 
         assert_live_credentials_recorded(&env, &setup, &format!("after recovery from {step}"));
         let h = env.history_json(Some("prom-remote-write"));
         let current = env.show("prom-remote-write");
+        // After recovery and the grace, one rotd-made writer credential is left.
+        assert_eq!(
+            writer_hashes(&setup).len(),
+            1,
+            "{step}: one writer user left"
+        );
         if step == "commit" {
-            assert_eq!(h[0]["step"], "succeeded", "{step}");
+            // The rotation stands; the grace is over, so `retire` removed the old user.
+            assert_eq!(h[0]["step"], "retired", "{step}: {:?}", h[0]);
+            assert_eq!(h[1]["step"], "succeeded", "{step}: {:?}", h[1]);
             assert_ne!(current, INITIAL_PW);
+            assert_eq!(setup.write_status("writer-a", INITIAL_PW), 401, "{step}");
         } else {
             assert_eq!(h[0]["step"], "rolled-back", "{step}: {:?}", h[0]);
             assert_eq!(h[0]["trigger"], "recovery");
             assert_eq!(current, INITIAL_PW);
-            assert_eq!(
-                writer_hashes(&setup).len(),
-                1,
-                "{step}: the new user is removed"
-            );
             assert!(std::fs::read_to_string(&setup.agent_config)
                 .unwrap()
                 .contains("username: writer-a"));
