@@ -14,7 +14,7 @@ use crate::history;
 use crate::rotation::{self, Engine, Trigger};
 use crate::secret::Secret;
 use crate::store::record::key;
-use crate::store::{self, rel_path, Change, Message, Record, Slot, Store};
+use crate::store::{self, rel_path, Message, Record, Slot, Store};
 
 /// Exit codes (contract).
 pub mod exit {
@@ -587,7 +587,7 @@ fn import(
         rec.set(key::KEY_ID, k);
     }
     let fp = store.fingerprint(&rec.secret);
-    let bytes = store.encrypt_record(&rec)?;
+    let put = store.put_record(name, Slot::Current, &rec)?;
     let mut msg = Message::new(format!("import {name}"))
         .trailer("Rotd-Secret", name)
         .trailer("Rotd-Step", "imported")
@@ -596,13 +596,7 @@ fn import(
     if let Some(u) = &username {
         msg = msg.trailer("Rotd-Target", format!("user={u}"));
     }
-    store.commit(
-        vec![Change::Put {
-            path: rel_path(name, Slot::Current),
-            bytes,
-        }],
-        &msg,
-    )?;
+    store.commit(vec![put], &msg)?;
     if let store::Push::Unreachable(r) | store::Push::Rejected(r) = store.push()? {
         writeln!(out, "warning: cannot push the store: {r}")?;
     }

@@ -380,11 +380,11 @@ impl Engine {
         // instances, and a rejected pending commit is dropped before anything else
         // of this clone can commit on top of it.
         let store = self.store.clone();
-        let path = rel_path(name, Slot::Pending);
+        let n = name.to_owned();
         let rec = pending.clone();
         let pushed = blocking(move || {
-            let bytes = store.encrypt_record(&rec)?;
-            store.commit_and_push(vec![Change::Put { path, bytes }], &msg)
+            let put = store.put_record(&n, Slot::Pending, &rec)?;
+            store.commit_and_push(vec![put], &msg)
         })
         .await?;
         match pushed {
@@ -626,11 +626,10 @@ impl Engine {
         msg: Message,
     ) -> Result<git2::Oid, Error> {
         let store = self.store.clone();
-        let path = rel_path(name, slot);
+        let name = name.to_owned();
         let rec = rec.clone();
         blocking(move || {
-            let bytes = store.encrypt_record(&rec)?;
-            let mut changes = vec![Change::Put { path, bytes }];
+            let mut changes = vec![store.put_record(&name, slot, &rec)?];
             changes.extend(also);
             store.commit(changes, &msg)
         })

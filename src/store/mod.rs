@@ -383,8 +383,12 @@ impl Store {
         })
     }
 
-    pub fn encrypt_record(&self, record: &Record) -> Result<Vec<u8>, Error> {
-        Ok(self.keys.encrypt(&record.to_plaintext())?)
+    /// The change that writes `record`, encrypted to the recipients, as NAME's `slot`.
+    pub fn put_record(&self, name: &str, slot: Slot, record: &Record) -> Result<Change, Error> {
+        Ok(Change::Put {
+            path: rel_path(name, slot),
+            bytes: self.keys.encrypt(&record.to_plaintext())?,
+        })
     }
 
     /// The raw (encrypted) bytes of a file at HEAD.
