@@ -777,7 +777,7 @@ fn validate_deliver(d: &Spanned<RawDeliver>, rep: &mut Reporter<'_>) -> Option<d
         }
         (None, Some(t)) => {
             let full = rep.resolve(t.get_ref());
-            match std::fs::read_to_string(&full) {
+            match crate::fsutil::read_text(&full, crate::fsutil::MAX_LIST_FILE) {
                 Ok(body) => {
                     if let Err(m) = deliver::check_placeholders(&body) {
                         rep.at(t, format!("template {}: {m}", full.display()));

@@ -4,10 +4,19 @@
 //! `{{key_id}}`, `{{encoded}}`, `{{name}}`, `{{rotation_id}}`; in `path` only the
 //! non-secret ones), writes it atomically with its mode, in order; then each distinct
 //! reload runs once, in the order first named. Before writing, the previous contents
-//! of every path are kept in memory ([`Snapshot`], zeroized on drop) so that a failed
-//! rotation can put back exactly what was there. A crash loses the snapshot; recovery
-//! then renders the files again from the credential recorded in the store (the
-//! templates are deterministic), see `rotation`.
+//! of every path are kept in memory ([`Snapshot`]: bytes, mode, owner and group,
+//! zeroized on drop) so that a failed rotation can put back exactly what was there. A
+//! crash loses the snapshot; recovery then renders the files again from the credential
+//! recorded in the store (the templates are deterministic), see `rotation`.
+//!
+//! Deliver paths usually sit in directories the consumer owns, and some placeholder
+//! values come from outside (a username, an Elasticsearch key id), so a path is
+//! trusted only after [`render_path`] has checked it: every value put into a path is
+//! one plain file-name part (no `/`, no `..`, no control character), and the result
+//! is a normalised absolute path inside the directory the template names. What is at
+//! the path must be a regular file or nothing: [`preflight`] checks every path before
+//! the rotation touches the target, and `deliver` checks them all again before it
+//! writes the first file (see `fsutil` for why links and special files are refused).
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -66,6 +75,12 @@ pub enum Error {
     },
     #[error("template uses {{{{{0}}}}} but this target has no {0}")]
     MissingValue(&'static str),
+    #[error("deliver path {path:?} (from the template {template:?}) is refused: {reason}; rotd writes only inside the directory the template names. Check where the value came from (`rotd show NAME`) and fix it")]
+    BadPath {
+        template: String,
+        path: String,
+        reason: String,
+    },
     #[error("reload `{reload}` failed: {reason}")]
     Reload { reload: String, reason: String },
 }
@@ -176,16 +191,114 @@ pub fn render(template: &str, vars: &Vars<'_>) -> Result<Zeroizing<String>, Erro
     Ok(out)
 }
 
-/// The paths a set of specs renders to for these values.
-pub fn paths(specs: &[Spec], vars: &Vars<'_>) -> Result<Vec<PathBuf>, Error> {
-    specs
-        .iter()
-        .map(|s| render(&s.path, vars).map(|p| PathBuf::from(p.as_str())))
-        .collect()
+/// Renders a path template and checks the result: each value put in is one plain
+/// file-name part, and the path is absolute, normalised (no `.`, `..` or empty part)
+/// and inside the directory the template names before its first placeholder.
+pub fn render_path(template: &str, vars: &Vars<'_>) -> Result<PathBuf, Error> {
+    let bad = |path: &str, reason: String| Error::BadPath {
+        template: template.to_owned(),
+        path: path.to_owned(),
+        reason,
+    };
+    let mut out = String::with_capacity(template.len() + 32);
+    let mut rest = template;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find("}}") else {
+            out.push_str(&rest[start..]);
+            rest = "";
+            break;
+        };
+        let name = after[..end].trim();
+        if SECRET_PLACEHOLDERS.contains(&name) {
+            return Err(bad(
+                template,
+                format!("{{{{{name}}}}} may not appear in a path"),
+            ));
+        }
+        let value = vars.value(name)?;
+        if let Err(reason) = check_path_value(value) {
+            return Err(bad(
+                &format!("{out}{value}"),
+                format!("the value of {{{{{name}}}}} {reason}"),
+            ));
+        }
+        out.push_str(value);
+        rest = &after[end + 2..];
+    }
+    out.push_str(rest);
+    check_rendered(template, &out).map_err(|reason| bad(&out, reason))?;
+    Ok(PathBuf::from(out))
 }
 
-/// A file's previous bytes and mode (None: it did not exist).
-type Previous = Option<(Zeroizing<Vec<u8>>, u32)>;
+/// A value that goes into a path names one file (or part of a file name).
+fn check_path_value(value: &str) -> Result<(), &'static str> {
+    if value.is_empty() {
+        Err("is empty")
+    } else if value == "." || value == ".." {
+        Err("is `.` or `..`")
+    } else if value.contains('/') {
+        Err("holds a `/`")
+    } else if value.chars().any(char::is_control) {
+        Err("holds a control character (NUL, newline, …)")
+    } else {
+        Ok(())
+    }
+}
+
+/// The checks on a whole rendered path (see [`render_path`]).
+fn check_rendered(template: &str, path: &str) -> Result<(), String> {
+    if path.chars().any(char::is_control) {
+        return Err("it holds a control character (NUL, newline, …)".into());
+    }
+    let Some(rel) = path.strip_prefix('/') else {
+        return Err("it is not absolute".into());
+    };
+    if let Some(part) = rel
+        .split('/')
+        .find(|c| c.is_empty() || *c == "." || *c == "..")
+    {
+        return Err(format!(
+            "it is not normalised (it has a {} part)",
+            if part.is_empty() {
+                "`//` or trailing `/`".to_owned()
+            } else {
+                format!("`{part}`")
+            }
+        ));
+    }
+    let fixed = &template[..template.find("{{").unwrap_or(template.len())];
+    let base = &fixed[..fixed.rfind('/').map_or(0, |i| i + 1)];
+    if !path.starts_with(base) || path.len() == base.len() {
+        return Err(format!("it is not a file inside {base}"));
+    }
+    Ok(())
+}
+
+/// The paths a set of specs renders to for these values.
+pub fn paths(specs: &[Spec], vars: &Vars<'_>) -> Result<Vec<PathBuf>, Error> {
+    specs.iter().map(|s| render_path(&s.path, vars)).collect()
+}
+
+/// Checks every deliver path before anything is changed: each renders to a checked
+/// path (see [`render_path`]) where there is a regular file or nothing. A path that
+/// needs a value not known yet (`{{key_id}}` before the target made the key) is left
+/// to [`deliver`], which checks every path again before it writes the first one.
+pub fn preflight(specs: &[Spec], vars: &Vars<'_>) -> Result<(), Error> {
+    for spec in specs {
+        let path = match render_path(&spec.path, vars) {
+            Ok(p) => p,
+            Err(Error::MissingValue(_)) => continue,
+            Err(e) => return Err(e),
+        };
+        fsutil::check_regular(&path)?;
+    }
+    Ok(())
+}
+
+/// What a path held before (None: nothing).
+type Previous = Option<fsutil::Existing>;
 
 /// What the delivered paths held before, to put it back on rollback.
 #[derive(Default)]
@@ -208,6 +321,10 @@ impl std::fmt::Debug for Snapshot {
 /// On a write error the files already written are restored before returning.
 pub async fn deliver(specs: &[Spec], vars: &Vars<'_>) -> Result<Snapshot, (Error, Snapshot)> {
     let mut snap = Snapshot::default();
+    // Every path is checked before the first is written.
+    if let Err(e) = preflight_all(specs, vars) {
+        return Err((e, snap));
+    }
     for spec in specs {
         if let Err(e) = write_one(spec, vars, &mut snap) {
             return Err((e, snap));
@@ -219,17 +336,20 @@ pub async fn deliver(specs: &[Spec], vars: &Vars<'_>) -> Result<Snapshot, (Error
     Ok(snap)
 }
 
+/// [`preflight`] with every value known: a missing one is an error here.
+fn preflight_all(specs: &[Spec], vars: &Vars<'_>) -> Result<(), Error> {
+    for spec in specs {
+        render(&spec.body, vars)?;
+        fsutil::check_regular(&render_path(&spec.path, vars)?)?;
+    }
+    Ok(())
+}
+
 fn write_one(spec: &Spec, vars: &Vars<'_>, snap: &mut Snapshot) -> Result<(), Error> {
-    let path = PathBuf::from(render(&spec.path, vars)?.as_str());
+    let path = render_path(&spec.path, vars)?;
     let body = render(&spec.body, vars)?;
     if !snap.files.iter().any(|(p, _)| p == &path) {
-        let before = fsutil::read_optional(&path)?.map(|b| {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(&path)
-                .map(|m| m.permissions().mode() & 0o777)
-                .unwrap_or(spec.mode);
-            (Zeroizing::new(b), mode)
-        });
+        let before = fsutil::snapshot(&path, fsutil::MAX_FILE)?;
         snap.files.push((path.clone(), before));
     }
     if let Some(dir) = path.parent() {
@@ -247,7 +367,7 @@ fn write_one(spec: &Spec, vars: &Vars<'_>, snap: &mut Snapshot) -> Result<(), Er
 pub async fn restore(specs: &[Spec], snap: Snapshot) -> Result<(), Error> {
     for (path, before) in &snap.files {
         match before {
-            Some((bytes, mode)) => fsutil::write_atomic(path, bytes, *mode)?,
+            Some(e) => fsutil::write_atomic_owned(path, &e.bytes, e.mode, Some((e.uid, e.gid)))?,
             None => fsutil::remove_durable(path)?,
         }
     }
@@ -297,8 +417,8 @@ async fn reload(r: &Reload) -> Result<(), Error> {
             Ok(())
         }
         Reload::Signal { signal, pidfile } => {
-            let text = std::fs::read_to_string(pidfile)
-                .map_err(|e| fail(format!("cannot read pidfile {}: {e}", pidfile.display())))?;
+            let text = fsutil::read_text(pidfile, fsutil::MAX_PIDFILE)
+                .map_err(|e| fail(format!("cannot read the pidfile: {e}")))?;
             let pid: i32 = text
                 .trim()
                 .parse()
@@ -420,5 +540,84 @@ mod tests {
         restore(&specs, snap).await.unwrap();
         assert_eq!(std::fs::read_to_string(&a).unwrap(), "old");
         assert!(!dir.path().join("writer-b.pw").exists());
+    }
+
+    #[test]
+    fn dotdot_value_rendered_into_a_path_is_refused() {
+        let s = Secret::new("pw".into());
+        let mut v = vars(&s);
+        let ok = render_path("/etc/agent/{{username}}.password", &v).unwrap();
+        assert_eq!(ok, PathBuf::from("/etc/agent/writer-b.password"));
+        for (value, why) in [
+            ("../../x", "holds a `/`"),
+            ("..", "is `.` or `..`"),
+            ("a\nb", "control character"),
+            ("a\0b", "control character"),
+            ("", "is empty"),
+        ] {
+            v.username = Some(value);
+            let e = render_path("/etc/agent/{{username}}.password", &v)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(why) && e.contains("/etc/agent/"),
+                "{value:?}: {e}"
+            );
+        }
+        // A key id from a peer, the same way.
+        v.key_id = Some("../../../../x");
+        assert!(render_path("/etc/app/{{key_id}}.key", &v).is_err());
+        // The template itself must be normalised and stay in its directory.
+        v.username = Some("writer-b");
+        for t in [
+            "/etc/agent/../x/{{username}}",
+            "/etc//agent/{{username}}",
+            "/etc/agent/./{{username}}",
+            "etc/agent/{{username}}",
+            "/etc/agent/{{username}}/",
+        ] {
+            assert!(render_path(t, &v).is_err(), "{t}");
+        }
+        assert_eq!(
+            render_path("/etc/{{name}}/{{username}}.pw", &v).unwrap(),
+            PathBuf::from("/etc/n/writer-b.pw")
+        );
+    }
+
+    #[tokio::test]
+    async fn nothing_is_written_when_a_later_path_is_a_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        std::fs::write(&a, "old").unwrap();
+        let private = dir.path().join("private");
+        std::fs::write(&private, "TOP-SECRET").unwrap();
+        let link = dir.path().join("b");
+        std::os::unix::fs::symlink(&private, &link).unwrap();
+        let specs: Vec<Spec> = [&a, &link]
+            .iter()
+            .map(|p| Spec {
+                path: p.display().to_string(),
+                body: "{{secret}}".into(),
+                mode: 0o600,
+                reload: None,
+            })
+            .collect();
+        let s = Secret::new("pw".into());
+        let e = preflight(&specs, &vars(&s)).unwrap_err().to_string();
+        assert!(
+            e.contains("symbolic link") && e.contains(&link.display().to_string()),
+            "{e}"
+        );
+        let Err((e, snap)) = deliver(&specs, &vars(&s)).await else {
+            panic!("delivered through a link");
+        };
+        assert!(e.to_string().contains("symbolic link"));
+        restore(&specs, snap).await.unwrap();
+        assert_eq!(std::fs::read_to_string(&a).unwrap(), "old");
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read_to_string(&private).unwrap(), "TOP-SECRET");
     }
 }

@@ -37,6 +37,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The file is not a regular file, is too large, or (a key) is another user's.
+    #[error(transparent)]
+    File(crate::fsutil::Error),
     /// The private key file is readable by group or other users.
     #[error(
         "The signing key {path} is readable by other users (mode {mode:03o}). Restrict it with `chmod 600 {path}` and start rotd again."
@@ -148,6 +151,15 @@ impl fmt::Debug for Signer {
     }
 }
 
+/// A file that cannot be read at all keeps its `Read` error; the other refusals
+/// (a link, a special file, too large, another user's key) say so themselves.
+fn file_error(e: crate::fsutil::Error) -> Error {
+    match e {
+        crate::fsutil::Error::Read { path, source } => Error::Read { path, source },
+        e => Error::File(e),
+    }
+}
+
 fn sha256_fingerprint(key: &ssh_key::public::KeyData) -> String {
     Fingerprint::new(HashAlg::Sha256, key).to_string()
 }
@@ -163,24 +175,22 @@ impl Signer {
             path: path.to_path_buf(),
             source,
         };
-        // Check the mode of the very file that is read, not of the path.
-        let mut file = std::fs::File::open(path).map_err(read_err)?;
-        let meta = file.metadata().map_err(read_err)?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = meta.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
+        // Check the mode and owner of the very file that is read (a regular file,
+        // never reached through a link), not of the path.
+        let bytes = match crate::fsutil::read_private(path, crate::fsutil::MAX_KEY_FILE) {
+            Ok(b) => b,
+            Err(crate::fsutil::Error::TooOpen { mode, .. }) => {
                 return Err(Error::KeyPermissions {
                     path: path.to_path_buf(),
                     mode,
-                });
+                })
             }
-        }
-        #[cfg(not(unix))]
-        let _ = meta;
-        let mut text = zeroize::Zeroizing::new(String::new());
-        std::io::Read::read_to_string(&mut file, &mut text).map_err(read_err)?;
+            Err(e) => return Err(file_error(e)),
+        };
+        let text = zeroize::Zeroizing::new(
+            String::from_utf8(bytes.to_vec())
+                .map_err(|_| read_err(std::io::Error::from(std::io::ErrorKind::InvalidData)))?,
+        );
         let key = PrivateKey::from_openssh(text.trim()).map_err(|e| Error::KeyParse {
             path: path.to_path_buf(),
             reason: e.to_string(),
@@ -260,10 +270,8 @@ pub struct AllowedSigners {
 impl AllowedSigners {
     /// Reads and parses an allowed-signers file.
     pub fn from_file(path: &Path) -> Result<AllowedSigners, Error> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text =
+            crate::fsutil::read_text(path, crate::fsutil::MAX_LIST_FILE).map_err(file_error)?;
         Self::parse_named(&text, &path.display().to_string())
     }
 

@@ -373,6 +373,14 @@ impl Engine {
         for (k, v) in &plan.meta {
             pending.set(k, v);
         }
+        // Before anything changes: a deliver path that renders outside its directory
+        // or holds a link, FIFO or device is refused here, not half-way through.
+        let pre = Self::vars(&sched, &pending, None, &rotation);
+        if let Err(e) = deliver::preflight(&sched.deliver, &pre) {
+            return Ok(Outcome::Aborted {
+                reason: format!("deliver: {e}"),
+            });
+        }
         let mut fp = self.store.fingerprint(&pending.secret);
         let msg = Self::message(&sched, "pending", &rotation, &trigger, Some(&pending))
             .trailer("Rotd-Fingerprint", &fp);

@@ -3,7 +3,8 @@
 //! Every secret is encrypted to every recipient in the recipients file plus the
 //! daemon's own X25519 identity, so the daemon can always read back what it wrote and
 //! each listed person (age X25519 or ssh-ed25519/ssh-rsa key) can decrypt with stock
-//! `age`. The identity file is refused if group or others can read it.
+//! `age`. The identity file is refused if it is not a regular file (a link
+//! included), if another user owns it, or if group or others can read it.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -64,9 +65,11 @@ impl std::fmt::Debug for Keys {
 impl Keys {
     /// Loads the identity (refusing an open file) and the optional recipients file.
     pub fn load(identity: &Path, recipients: Option<&Path>) -> Result<Keys, Error> {
-        fsutil::check_private(identity)?;
+        // A regular file of this user's that only it can read: checked on the file
+        // that is read, which is never reached through a link.
+        let bytes = fsutil::read_private(identity, fsutil::MAX_KEY_FILE)?;
         let text = Zeroizing::new(
-            String::from_utf8(fsutil::read(identity)?.to_vec())
+            String::from_utf8(bytes.to_vec())
                 .map_err(|_| Error::NoIdentity(identity.to_owned()))?,
         );
         let mut found = None;
@@ -96,7 +99,8 @@ impl Keys {
             0,
         )?];
         if let Some(path) = recipients {
-            let text = String::from_utf8_lossy(&fsutil::read(path)?).into_owned();
+            let text = String::from_utf8_lossy(&fsutil::read_capped(path, fsutil::MAX_LIST_FILE)?)
+                .into_owned();
             for (i, line) in text.lines().enumerate() {
                 let line = line.trim();
                 if line.is_empty() || line.starts_with('#') {

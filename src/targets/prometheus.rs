@@ -170,7 +170,7 @@ impl Config {
             .ok_or_else(|| Error::Plan("the new credential has no username".into()))?;
         let hash = bcrypt::hash(new.secret.expose(), self.bcrypt_cost)
             .map_err(|e| Error::Hash(e.to_string()))?;
-        let before = fsutil::read(&self.web_config)?;
+        let before = read_web(&self.web_config)?;
         let mut wc = WebConfig::parse(&before, &self.web_config)?;
         wc.set(user, Some(&hash));
         let after = wc.render(&self.web_config)?;
@@ -184,7 +184,7 @@ impl Config {
     }
 
     pub fn rollback(&self, pending: &Record, undo: Option<&Undo>) -> Result<(), Error> {
-        let now = fsutil::read(&self.web_config)?;
+        let now = read_web(&self.web_config)?;
         if let Some(Undo {
             before: Some(before),
             after: Some(after),
@@ -221,7 +221,7 @@ impl Config {
         if Some(old) == current.username() {
             return Ok(None);
         }
-        let now = fsutil::read(&self.web_config)?;
+        let now = read_web(&self.web_config)?;
         let mut wc = WebConfig::parse(&now, &self.web_config)?;
         if !wc.users.contains_key(old) {
             return Ok(Some(format!("user={old} (already absent)")));
@@ -343,13 +343,79 @@ fn valid_user(n: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
-/// Writes a web config keeping the file's current mode.
+/// Writes a web config keeping the file's current mode, owner and group (Prometheus
+/// often reads it as another user, through its group).
 fn write_like(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(path)
-        .map(|m| m.permissions().mode() & 0o777)
-        .unwrap_or(0o640);
+    let mode = fsutil::mode_or(path, 0o640)?;
     fsutil::write_atomic(path, bytes, mode)?;
+    Ok(())
+}
+
+/// Reads the web config: a regular file (never through a link), size-bounded.
+fn read_web(path: &Path) -> Result<Vec<u8>, Error> {
+    Ok(fsutil::read_capped(path, fsutil::MAX_WEB_CONFIG)?)
+}
+
+/// Deepest nesting (block indentation levels, `- ` sequences and `[`/`{` flow
+/// collections together) a web config may have; a real one has four or five.
+const MAX_NESTING: usize = 64;
+
+/// Refuses text nested deeper than [`MAX_NESTING`] before the YAML parser sees it:
+/// the parser's time grows much faster than the input with the nesting (a 64 KiB file
+/// of `[` takes seconds). An over-estimate is harmless, as real configs are shallow.
+fn check_nesting(text: &str) -> Result<(), String> {
+    let too_deep = || {
+        format!("is nested deeper than {MAX_NESTING} levels, which no Prometheus web config needs; refusing to parse it")
+    };
+    let mut flow = 0usize;
+    let mut indents: Vec<usize> = Vec::new();
+    for line in text.lines() {
+        let content = line.trim_start();
+        let indent = line.len() - content.len();
+        if flow == 0 && !(content.is_empty() || content.starts_with('#')) {
+            while indents.last().is_some_and(|&i| i >= indent) {
+                indents.pop();
+            }
+            indents.push(indent);
+            let mut rest = content;
+            let mut dashes = 0;
+            while let Some(r) = rest.strip_prefix('-') {
+                if !(r.is_empty() || r.starts_with([' ', '\t'])) {
+                    break;
+                }
+                dashes += 1;
+                rest = r.trim_start();
+            }
+            if indents.len() + dashes > MAX_NESTING {
+                return Err(too_deep());
+            }
+        }
+        let mut quote: Option<char> = None;
+        let mut prev = ' ';
+        let mut escaped = false;
+        for c in line.chars() {
+            match quote {
+                Some('"') if escaped => escaped = false,
+                Some('"') if c == '\\' => escaped = true,
+                Some(q) if c == q => quote = None,
+                Some(_) => {}
+                None => match c {
+                    // A quote opens a string only where a scalar starts.
+                    '"' | '\'' if " \t[{,:".contains(prev) => quote = Some(c),
+                    '#' if prev == ' ' || prev == '\t' => break,
+                    '[' | '{' => {
+                        flow += 1;
+                        if flow + indents.len() > MAX_NESTING {
+                            return Err(too_deep());
+                        }
+                    }
+                    ']' | '}' => flow = flow.saturating_sub(1),
+                    _ => {}
+                },
+            }
+            prev = c;
+        }
+    }
     Ok(())
 }
 
@@ -395,7 +461,7 @@ const WEB_CONFIG_KEYS: &[&str] = &[
 
 impl WebConfig {
     pub fn load(path: &Path) -> Result<WebConfig, Error> {
-        let bytes = fsutil::read(path)?;
+        let bytes = read_web(path)?;
         WebConfig::parse(&bytes, path)
     }
 
@@ -404,7 +470,14 @@ impl WebConfig {
             path: path.display().to_string(),
             reason,
         };
+        if bytes.len() as u64 > fsutil::MAX_WEB_CONFIG {
+            return Err(bad(format!(
+                "is larger than {} bytes, which no Prometheus web config needs",
+                fsutil::MAX_WEB_CONFIG
+            )));
+        }
         let text = String::from_utf8(bytes.to_vec()).map_err(|_| bad("is not UTF-8".into()))?;
+        check_nesting(&text).map_err(bad)?;
         let doc: Value = if text.trim().is_empty() {
             Value::Mapping(Mapping::new())
         } else {
@@ -542,14 +615,22 @@ impl WebConfig {
                                 self.users.get(user.as_str()).and_then(|v| v.as_str())
                             {
                                 if written.insert(user.clone()) {
-                                    let original_hash = l
-                                        .split_once(':')
-                                        .map(|x| x.1.trim().trim_matches(|c| c == '"' || c == '\''))
-                                        .unwrap_or("");
+                                    let value = l.split_once(':').map(|x| x.1).unwrap_or("");
+                                    // A comment after the value stays with the line,
+                                    // changed or not.
+                                    let (value, comment) = match value.find(" #") {
+                                        Some(i) => value.split_at(i),
+                                        None => (value, ""),
+                                    };
+                                    let original_hash =
+                                        value.trim().trim_matches(|c| c == '"' || c == '\'');
                                     if original_hash == hash {
                                         out.push(l.to_string());
                                     } else {
-                                        out.push(entry(&indent, user, hash));
+                                        out.push(format!(
+                                            "{}{comment}",
+                                            entry(&indent, user, hash)
+                                        ));
                                     }
                                 }
                             }
@@ -729,5 +810,65 @@ mod tests {
         let req = prompb::WriteRequest::decode(raw.as_slice()).unwrap();
         assert_eq!(req.timeseries[0].labels[1].value, "r1");
         assert_eq!(req.timeseries[0].samples[0].timestamp, 1000);
+    }
+
+    #[test]
+    fn comment_on_an_unchanged_user_line_survives_the_rewrite() {
+        let text = "basic_auth_users:\n  prom-reader: \"$2y$10$abc\"  # reader for queries\n  writer-a: $2y$10$def # the sender\n";
+        let mut wc = WebConfig::parse(text.as_bytes(), &p()).unwrap();
+        wc.set("writer-b", Some("$2b$04$new"));
+        let out = String::from_utf8(wc.render(&p()).unwrap()).unwrap();
+        assert!(
+            out.contains("  prom-reader: \"$2y$10$abc\"  # reader for queries\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("  writer-a: $2y$10$def # the sender\n"),
+            "{out}"
+        );
+        // A changed line keeps its comment too.
+        let mut wc = WebConfig::parse(out.as_bytes(), &p()).unwrap();
+        wc.set("writer-a", Some("$2b$04$newer"));
+        let out = String::from_utf8(wc.render(&p()).unwrap()).unwrap();
+        assert!(
+            out.contains("  writer-a: \"$2b$04$newer\" # the sender\n"),
+            "{out}"
+        );
+        assert!(out.contains("# reader for queries"), "{out}");
+    }
+
+    #[test]
+    fn deeply_nested_web_config_is_refused_before_parsing() {
+        for text in [
+            "[".repeat(64 << 10),
+            "{".repeat(64 << 10),
+            format!("basic_auth_users:\n  a: {}\n", "[".repeat(100)),
+            (0..100)
+                .map(|i| format!("{}k{i}:\n", " ".repeat(i)))
+                .collect(),
+            format!("{}x\n", "- ".repeat(100)),
+        ] {
+            let e = WebConfig::parse(text.as_bytes(), &p())
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(e.contains("nested deeper than 64"), "{e}");
+        }
+        let e = WebConfig::parse(&vec![b'#'; (1 << 20) + 1], &p())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("larger than"), "{e}");
+        // Brackets in strings and comments are not nesting.
+        WebConfig::parse(
+            format!(
+                "# {}\nbasic_auth_users:\n  \"a\": \"$2y${}\"\n",
+                "[".repeat(100),
+                "{".repeat(100)
+            )
+            .as_bytes(),
+            &p(),
+        )
+        .unwrap();
     }
 }
