@@ -379,3 +379,106 @@ fn identity_owned_by_another_user_is_refused() {
     assert!(!o.status.success(), "followed a link to the identity");
     assert!(said(&o).contains("symbolic link"), "{}", said(&o));
 }
+
+/// The `ReadWritePaths=` of the systemd drop-in the README documents (step 4).
+fn documented_read_write_paths() -> Vec<String> {
+    let readme = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme
+        .split("**systemd**: allow rotd")
+        .nth(1)
+        .expect("the README's systemd step");
+    let line = section
+        .lines()
+        .find_map(|l| l.split("ReadWritePaths=").nth(1))
+        .expect("a ReadWritePaths= line in the README's systemd step");
+    line.split_whitespace().map(str::to_owned).collect()
+}
+
+/// Runs `rotd rotate NAME` the way `ProtectSystem=strict` + `ReadWritePaths=` confine
+/// it: in a private mount namespace the env's root is read-only, and each documented
+/// path (mapped under the env's root; `/var/lib/rotd` is the store and its remote) is
+/// bind-mounted writable on top, as systemd does.
+fn rotate_confined(env: &TestEnv, name: &str, documented: &[String]) -> Output {
+    let root = env.dir.path();
+    let mut rw: Vec<PathBuf> = Vec::new();
+    for p in documented {
+        match p.as_str() {
+            "/var/lib/rotd" => rw.extend([env.store.clone(), env.remote.clone()]),
+            p => rw.push(root.join(p.trim_start_matches('/'))),
+        }
+    }
+    let mut c = Command::new("unshare");
+    c.args(["--mount", "--propagation", "private", "--", "sh", "-ec"])
+        .arg(
+            "root=$1; shift\n\
+             mount --bind \"$root\" \"$root\"\n\
+             mount -o remount,bind,ro \"$root\"\n\
+             while [ \"$1\" != -- ]; do\n\
+               mount --bind \"$1\" \"$1\"; mount -o remount,bind,rw \"$1\"; shift\n\
+             done\n\
+             shift\n\
+             exec \"$@\"",
+        )
+        .arg("sh")
+        .arg(root)
+        .args(&rw)
+        .arg("--");
+    let rotd = env.cmd(&["rotate", name]);
+    c.arg(rotd.get_program()).args(rotd.get_args());
+    for (k, v) in rotd.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    env.run(&mut c)
+}
+
+#[test]
+fn documented_systemd_drop_in_lets_the_prometheus_rotation_write_the_web_config() {
+    if !is_root() || !have("unshare") {
+        eprintln!("SKIPPED: needs root and unshare(1) for a mount namespace");
+        return;
+    }
+    let probe = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "true"])
+        .status();
+    if !probe.map(|s| s.success()).unwrap_or(false) {
+        eprintln!("SKIPPED: cannot make a mount namespace here");
+        return;
+    }
+    let env = TestEnv::new();
+    let r = receiver(&env);
+    let documented = documented_read_write_paths();
+    let base = ["/var/lib/rotd".to_owned()];
+
+    // The form documented before: a file. Renaming a temp file over it needs its
+    // directory, so the rotation fails (and rolls back) — the reproduction is faithful.
+    let file_form = [
+        "/etc/prometheus/web.yml".to_owned(),
+        "/etc/prometheus-agent".to_owned(),
+    ];
+    let o = rotate_confined(
+        &env,
+        "prom-remote-write",
+        &[&base[..], &file_form[..]].concat(),
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", said(&o));
+    let web_err = format!("cannot write {}: Read-only file system", r.web.display());
+    assert!(said(&o).contains(&web_err), "{}", said(&o));
+
+    // The drop-in as the README documents it now.
+    let o = rotate_confined(
+        &env,
+        "prom-remote-write",
+        &[&base[..], &documented[..]].concat(),
+    );
+    assert!(
+        o.status.success(),
+        "the documented drop-in {documented:?} does not let rotd rotate: {}",
+        stderr(&o)
+    );
+    let text = fs::read_to_string(&r.web).unwrap();
+    assert!(text.contains("writer-b:"), "{text}");
+    assert!(r.agent_dir.join("writer-b.password").exists());
+}
