@@ -75,7 +75,7 @@ pub enum Error {
     },
     #[error("template uses {{{{{0}}}}} but this target has no {0}")]
     MissingValue(&'static str),
-    #[error("deliver path {path:?} (from the template {template:?}) is refused: {reason}; rotd writes only inside the directory the template names. Check where the value came from (`rotd show NAME`) and fix it")]
+    #[error("deliver path {path:?} (from the template {template:?}) is refused: {reason}; rotd writes only inside the directory the template names. Fix the value where it came from (a username or key id recorded in the store, a peer's answer) or the template")]
     BadPath {
         template: String,
         path: String,

@@ -113,6 +113,14 @@ fn said(o: &Output) -> String {
 /// planted entry is still what the attacker made, and the private file's content is
 /// nowhere in the consumer directory.
 fn assert_untouched(env: &TestEnv, consumer: &Path, o: &Output, planted: &Path) {
+    for f in walk(consumer) {
+        let bytes = fs::read(&f).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains(PRIVATE),
+            "{} holds a copy of the private file",
+            f.display()
+        );
+    }
     assert_eq!(o.status.code(), Some(1), "{}", said(o));
     let err = said(o);
     assert!(
@@ -134,14 +142,6 @@ fn assert_untouched(env: &TestEnv, consumer: &Path, o: &Output, planted: &Path) 
         format!("token: {OLD}\n"),
         "no deliver file was written before the refusal"
     );
-    for f in walk(consumer) {
-        let bytes = fs::read(&f).unwrap();
-        assert!(
-            !String::from_utf8_lossy(&bytes).contains(PRIVATE),
-            "{} holds a copy of the private file",
-            f.display()
-        );
-    }
 }
 
 /// A private file (0600) and a link to it at the deliver path `consumer/token`.
@@ -185,8 +185,8 @@ fn symlink_at_deliver_path_is_not_copied_by_a_rollback() {
     let consumer = app_token(&env, &failing_probe());
     let (private, link) = plant_link(&env, &consumer, None);
     let (o, _) = rotate_bounded(&env, "app-token");
-    assert_untouched(&env, &consumer, &o, &link);
     assert_link_kept(&link, &private, &private);
+    assert_untouched(&env, &consumer, &o, &link);
 }
 
 #[test]
@@ -240,9 +240,19 @@ struct Receiver {
     url: String,
     web: PathBuf,
     agent_dir: PathBuf,
+    /// Why the writer's import was refused, if it was.
+    imported: Option<String>,
 }
 
 fn receiver(env: &TestEnv) -> Receiver {
+    let r = receiver_as(env, "writer-a");
+    assert!(r.imported.is_none(), "{:?}", r.imported);
+    r
+}
+
+/// [`receiver`], with the writer's credential imported under `writer` (whose import
+/// may be refused: then `imported` holds what rotd said).
+fn receiver_as(env: &TestEnv, writer: &str) -> Receiver {
     let root = env.dir.path();
     let etc = root.join("etc/prometheus");
     let agent_dir = root.join("etc/prometheus-agent");
@@ -260,18 +270,21 @@ fn receiver(env: &TestEnv) -> Receiver {
     .unwrap();
     let prom = Prom::receiver(&root.join("receiver"), &web);
     prom.wait_ready(Some(("prom-reader", READER_PW)));
-    for (name, user, pw) in [
-        ("prom-reader", "prom-reader", READER_PW),
-        ("prom-remote-write", "writer-a", INITIAL_PW),
-    ] {
-        let o = env.rotd_stdin(&["import", name, "--username", user], &format!("{pw}\n"));
-        assert!(o.status.success(), "{}", stderr(&o));
-    }
+    let o = env.rotd_stdin(
+        &["import", "prom-reader", "--username", "prom-reader"],
+        &format!("{READER_PW}\n"),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = env.rotd_stdin(
+        &["import", "prom-remote-write", "--username", writer],
+        &format!("{INITIAL_PW}\n"),
+    );
     let r = Receiver {
         url: prom.url(),
         _prom: prom,
         web,
         agent_dir,
+        imported: (!o.status.success()).then(|| said(&o)),
     };
     prom_schedule(env, &r, &r.url, 20);
     r
@@ -348,6 +361,41 @@ fn web_config_rewrite_keeps_owner_group_mode_and_comments_through_rotation_and_r
         (65534, 65534, 0o640),
         "a restored deliver file keeps its owner too"
     );
+}
+
+#[test]
+fn dotdot_username_is_not_rendered_into_a_deliver_path_by_recovery() {
+    let env = TestEnv::new();
+    // The deliver path is `etc/prometheus-agent/{{username}}.password`.
+    let r = receiver_as(&env, "../../x");
+    let escaped = env.path("x.password");
+    if let Some(refused) = &r.imported {
+        // Refused at the door: nothing can render it.
+        assert!(refused.contains("username"), "{refused}");
+        return;
+    }
+    // A crash after deliver; the next run's recovery renders the files of the
+    // current record, whose username is `../../x`.
+    let o = env.run(
+        env.cmd(&["rotate", "prom-remote-write"])
+            .env("ROTD_FAULT_KILL_AFTER", "deliver"),
+    );
+    assert!(!o.status.success(), "{}", said(&o));
+    let o = env.rotd(&["rotate", "prom-remote-write"]);
+    assert!(
+        !escaped.exists(),
+        "rotd wrote {} outside the deliver directory: {}",
+        escaped.display(),
+        said(&o)
+    );
+    // The recovery is reported as incomplete (the consumers could not be put back on
+    // that record); the rotation that follows may then succeed on writer-a.
+    assert!(
+        said(&o).contains("the value of {{username}} holds a `/`"),
+        "{}",
+        said(&o)
+    );
+    assert!(r.agent_dir.exists());
 }
 
 #[test]
