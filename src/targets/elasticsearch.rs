@@ -1033,8 +1033,11 @@ pub(crate) async fn probe_document(
         .await
         .map_err(|e| Error::Probe(format!("reading the probe document back: {e}")))?;
     if !probe_doc_found(&got, ctx.rotation_id) {
+        // The index and id are the cluster's text.
         return Err(Error::Probe(format!(
-            "the probe document {doc_id} is not found in {index}"
+            "the probe document {} is not found in {}",
+            crate::redact::peer_text(doc_id, 200),
+            crate::redact::peer_text(index, 200)
         )));
     }
     Ok(())

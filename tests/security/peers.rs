@@ -364,6 +364,60 @@ fn reload_answer_echoing_the_secret_across_the_cut_leaks_no_prefix() {
     assert!(stderr(&o).contains("REDACTED"), "{}", stderr(&o));
 }
 
+#[test]
+fn es_error_echoing_the_admin_credential_across_the_cut_leaks_no_prefix() {
+    let env = TestEnv::new();
+    const ADMIN_PW: &str = "admin-password-0123456789-abcdefghij";
+    let basic = STANDARD.encode(format!("rotd-admin:{ADMIN_PW}"));
+    // A "cluster" whose errors quote the credential it was sent, Basic header first,
+    // then raw, the raw one straddling the 600th character of the reason.
+    let echo = basic.clone();
+    let hostile = Peer::start(move |_, _| {
+        let mut reason = format!("{} {echo} ", "x".repeat(200));
+        reason.push_str(&"y".repeat(590 - reason.len()));
+        reason.push_str(ADMIN_PW);
+        Answer {
+            status: 400,
+            headers: Vec::new(),
+            body: json!({"error": {"type": "illegal_argument_exception", "reason": reason}, "status": 400}).to_string(),
+        }
+    });
+    let o = env.rotd_stdin(
+        &["import", "es-admin", "--username", "rotd-admin"],
+        &format!("{ADMIN_PW}\n"),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = env.rotd_stdin(
+        &["import", "ls-writer", "--username", "logstash_writer"],
+        "old-password-0123456789\n",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    env.write_schedule(
+        "ls-writer",
+        &format!(
+            "name = \"ls-writer\"\nschedule = \"0 30 2 * * *\"\ngrace = \"0s\"\n[target]\nkind = \"elasticsearch-user-password\"\nurl = \"{}\"\nadmin_credential = \"es-admin\"\nusername = \"logstash_writer\"\n[probe]\ntimeout = \"5s\"\n",
+            hostile.url(),
+        ),
+    );
+    let o = env.rotd(&["rotate", "ls-writer"]);
+    assert_ne!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    let log = stdout(&git(&env.store, &["log", "--format=%B"]));
+    let status = env.rotd(&["status", "--json"]);
+    for (what, text) in [
+        ("stderr", stderr(&o)),
+        ("the commit messages", log),
+        ("status --json", stdout(&status)),
+    ] {
+        for (form, value) in [("raw", ADMIN_PW), ("Basic", basic.as_str())] {
+            assert!(
+                !text.contains(&value[..8]),
+                "an 8-character prefix of the {form} admin credential is in {what}:\n{text}"
+            );
+        }
+    }
+    assert!(stderr(&o).contains("REDACTED"), "{}", stderr(&o));
+}
+
 // ---- Values from peers and stdin -------------------------------------------------
 
 #[test]
