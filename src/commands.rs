@@ -563,14 +563,33 @@ fn import(
     if !config::valid_name(name) {
         return Err(Error::Usage(format!("{name:?} is not a valid secret name")));
     }
+    // The username and key id become record lines, trailers and `{{username}}` /
+    // `{{key_id}}` in deliver paths: only their real formats are taken.
+    if let Some(u) = &username {
+        crate::validate::username(u).map_err(|m| Error::Usage(format!("--username: {m}")))?;
+    }
+    if let Some(k) = &key_id {
+        crate::validate::es_id(k, &format!("--key-id {k:?}")).map_err(|m| {
+            Error::Usage(format!(
+                "{m}; give the `id` Elasticsearch answered when it created the key"
+            ))
+        })?;
+    }
     let mut buf = zeroize::Zeroizing::new(String::new());
     std::io::stdin().read_to_string(&mut buf)?;
     let value = buf.strip_suffix('\n').unwrap_or(&buf);
     let value = value.strip_suffix('\r').unwrap_or(value);
-    if value.is_empty() || value.contains('\n') {
-        return Err(Error::Usage(
-            "import reads exactly one line (the secret) from stdin".into(),
-        ));
+    crate::validate::secret_line(value).map_err(|m| {
+        Error::Usage(format!(
+            "{m}; import reads exactly one line (the secret) from stdin"
+        ))
+    })?;
+    if key_id.is_some() {
+        crate::validate::es_api_key(value, "the api_key on stdin").map_err(|m| {
+            Error::Usage(format!(
+                "{m}; give the `api_key` Elasticsearch answered when it created the key"
+            ))
+        })?;
     }
     let _lock = store.lock_secret(name, true)?;
     if store.read(name, Slot::Pending)?.is_some() {

@@ -399,20 +399,24 @@ async fn reload(r: &Reload) -> Result<(), Error> {
     tracing::debug!(reload = %r, "reloading consumer");
     match r {
         Reload::HttpPost(url) => {
-            let client = reqwest::Client::builder()
-                .timeout(RELOAD_TIMEOUT)
-                .build()
-                .map_err(|e| fail(e.to_string()))?;
+            let client = crate::http::client(url, RELOAD_TIMEOUT).map_err(fail)?;
             let resp = client
                 .post(url)
                 .send()
                 .await
-                .map_err(|e| fail(crate::targets::http_error(&e)))?;
+                .map_err(|e| fail(crate::http::describe(&e)))?;
+            if let Some(refused) = crate::http::redirect_refused(&resp) {
+                return Err(fail(refused));
+            }
             let status = resp.status();
             if !status.is_success() {
-                let body = crate::targets::read_body(resp).await.unwrap_or_default();
+                let body = crate::http::read_body(resp).await.unwrap_or_default();
                 let body = String::from_utf8_lossy(&body);
-                return Err(fail(format!("HTTP {status}: {}", truncate(&body, 300))));
+                // The answer may echo the credential just delivered: scrubbed, then cut.
+                return Err(fail(format!(
+                    "HTTP {status}: {}",
+                    crate::redact::peer_text(&body, PEER_TEXT_MAX)
+                )));
             }
             Ok(())
         }
@@ -439,7 +443,7 @@ async fn reload(r: &Reload) -> Result<(), Error> {
                 return Err(fail(format!(
                     "{}: {}",
                     out.status,
-                    truncate(&String::from_utf8_lossy(&out.stderr), 300)
+                    crate::redact::peer_text(&String::from_utf8_lossy(&out.stderr), PEER_TEXT_MAX)
                 )));
             }
             Ok(())
@@ -447,18 +451,9 @@ async fn reload(r: &Reload) -> Result<(), Error> {
     }
 }
 
-/// Shortens text quoted from a peer in an error.
-pub fn truncate(s: &str, max: usize) -> String {
-    let s = s.trim();
-    if s.len() <= max {
-        return s.to_owned();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
-}
+/// The most of a consumer's answer (or a reload program's stderr) quoted in an error,
+/// after it is scrubbed of credentials ([`crate::redact::peer_text`]).
+const PEER_TEXT_MAX: usize = 300;
 
 /// Expands a path template with non-secret values only (for plans and status).
 pub fn display_path(template: &str, username: Option<&str>, name: &str) -> String {

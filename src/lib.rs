@@ -24,6 +24,9 @@
 //! * [`audit`] is `rotd verify`: signatures, plaintext leaks, trailers, recipients.
 //! * [`history`] reads the audit trail back from git.
 //! * [`signing`] makes and checks the SSH signatures (sshsig) of store commits.
+//! * Leaves used by the layers above: [`http`] (the one HTTP client: no redirect
+//!   followed, body cap, error wording), [`redact`] (credentials scrubbed from peers'
+//!   text, then cut), [`validate`] (formats of values from peers and stdin).
 //!
 //! Blocking work (git2, age, bcrypt, fsync) runs in `spawn_blocking`; HTTP (probes,
 //! reloads) is async on tokio.
@@ -36,7 +39,9 @@ pub mod daemon;
 pub mod deliver;
 pub mod fsutil;
 pub mod history;
+pub mod http;
 pub mod metrics;
+pub mod redact;
 pub mod rekey;
 pub mod rotation;
 pub mod secret;
@@ -44,3 +49,4 @@ pub mod signing;
 pub mod status;
 pub mod store;
 pub mod targets;
+pub mod validate;

@@ -34,6 +34,7 @@ use std::time::Duration;
 
 use crate::config::{Config, Schedule};
 use crate::deliver::{self, Vars};
+use crate::redact;
 use crate::secret::{self, Secret};
 use crate::store::record::key;
 use crate::store::{self, rel_path, Change, Message, Push, Record, Slot, Store};
@@ -234,19 +235,27 @@ fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
-/// Replaces any appearance of the records' secrets (and their `{{encoded}}` forms) in
-/// text bound for a log, an answer or a commit.
+/// Replaces every encoding of the records' secrets (raw, `{{encoded}}`, Basic,
+/// JSON-escaped, URL-encoded: see [`redact`]) and of every credential registered for
+/// redaction in text bound for a log, an answer or a commit. Peers' text inside it
+/// was already scrubbed before it was cut, where it was quoted.
 fn scrub(text: &str, record: &Record, other: Option<&Record>) -> String {
-    let mut s = text.to_owned();
+    let mut n = redact::live();
     for rec in std::iter::once(record).chain(other) {
-        let encoded = Engine::encoded(rec);
-        for sec in std::iter::once(&rec.secret).chain(encoded.as_ref()) {
-            if sec.len() >= 4 {
-                s = s.replace(sec.expose(), "**REDACTED**");
-            }
-        }
+        n.add(&rec.secret, rec.username());
+        n.add(&rec.secret, rec.key_id());
     }
-    s
+    n.scrub(text)
+}
+
+/// Registers the records' secrets for redaction while a rotation uses them, so that a
+/// peer's text that echoes one is scrubbed where it is quoted, before it is cut.
+fn register(records: &[Option<&Record>]) -> Vec<redact::Registration> {
+    records
+        .iter()
+        .flatten()
+        .map(|r| redact::register(&r.secret, r.key_id().or(r.username())))
+        .collect()
 }
 
 /// Drives rotations of the secrets in one configuration.
@@ -381,6 +390,7 @@ impl Engine {
                 reason: format!("deliver: {e}"),
             });
         }
+        let mut redacted = register(&[Some(&pending), current.as_ref()]);
         let mut fp = self.store.fingerprint(&pending.secret);
         let msg = Self::message(&sched, "pending", &rotation, &trigger, Some(&pending))
             .trailer("Rotd-Fingerprint", &fp);
@@ -430,6 +440,7 @@ impl Engine {
                 fault_point("created");
                 // The target made the credential: record it before anything uses it.
                 pending = rec;
+                redacted.extend(register(&[Some(&pending)]));
                 fp = self.store.fingerprint(&pending.secret);
                 let mut msg = Self::message(&sched, "pending", &rotation, &trigger, Some(&pending))
                     .trailer("Rotd-Fingerprint", &fp);
@@ -782,6 +793,7 @@ impl Engine {
         let Some(pending) = pending else {
             return Ok(None);
         };
+        let _redacted = register(&[Some(&pending), current.as_ref()]);
         let rotation = pending.get(key::ROTATION).unwrap_or("unknown").to_owned();
         // Another instance's rotation that may still be running is not ours to undo;
         // one that has been pending for longer than any rotation takes is abandoned.

@@ -36,9 +36,19 @@
 //! identity ([`Connection`], shared with `elasticsearch-user-password`).
 //!
 //! Calls are retried on 429 and 5xx answers and connection errors (3 tries, 200 ms,
-//! 400 ms back-off); the time limit of one call is `[probe] timeout`. Error messages
-//! carry the method, path, status and Elasticsearch's `error.type`/`error.reason`,
-//! never a key, a password or an `Authorization` header.
+//! 400 ms back-off); the time limit of one call is `[probe] timeout`. The create is
+//! the exception: an answer that may come after the key was made (429, 5xx, a
+//! timeout, a reset) is followed by a lookup of the key's name, and every key found
+//! is invalidated before the next try, so a lost answer never leaves a second live
+//! key that retire would not know of. A redirect is never followed ([`crate::http`]).
+//! Error messages carry the method, path, status and Elasticsearch's
+//! `error.type`/`error.reason` (scrubbed of credentials in use, then cut:
+//! [`crate::redact`]), never a key, a password or an `Authorization` header.
+//!
+//! What the cluster answers is checked before it is used: the new key's `id` and
+//! `api_key` must be in the URL-safe base64 alphabet Elasticsearch makes them from
+//! ([`crate::validate`]); anything else fails the rotation, and the rollback finds the
+//! key by its name (never by the id a hostile answer gave) and invalidates it.
 //!
 //! What rotd decides from an answer (is the key created, invalidated, found by name,
 //! are the privileges exact, what went wrong) is a pure function of the body
@@ -280,11 +290,10 @@ impl Connection {
         })
     }
 
+    /// The client for this cluster: no redirect followed, https only for an
+    /// `https://` url ([`crate::http`]).
     pub(crate) fn client(&self) -> Result<reqwest::Client, Error> {
-        let mut b = reqwest::Client::builder()
-            .timeout(self.timeout)
-            .connect_timeout(self.timeout)
-            .user_agent(concat!("rotd/", env!("CARGO_PKG_VERSION")));
+        let mut b = crate::http::builder(self.timeout);
         if let Some(ca) = &self.ca {
             let pem = std::fs::read(ca)
                 .map_err(|e| Error::Es(format!("cannot read the CA file {}: {e}", ca.display())))?;
@@ -295,8 +304,7 @@ impl Connection {
         if let Some((cert, key)) = &self.client_cert {
             b = b.identity(load_identity(cert, key).map_err(Error::Es)?);
         }
-        b.build()
-            .map_err(|e| Error::Es(format!("cannot build an HTTP client: {e}")))
+        crate::http::build(b, &self.url).map_err(Error::Es)
     }
 
     pub(crate) fn admin_auth(&self, lookup: super::Lookup<'_>) -> Result<Auth, Error> {
@@ -318,7 +326,50 @@ impl Connection {
         )))
     }
 
-    /// One call with bounded retries on 429, 5xx and connection errors.
+    /// One request, not retried. A redirect is refused here (an error), so no
+    /// caller can mistake it for an answer.
+    async fn attempt(
+        &self,
+        client: &reqwest::Client,
+        method: &reqwest::Method,
+        path: &str,
+        auth: &Auth,
+        body: Option<&Value>,
+    ) -> Result<Attempt, Error> {
+        let url = format!("{}{path}", self.url);
+        // The path without its query string, for messages.
+        let shown = path.split('?').next().unwrap_or(path);
+        let mut req = client
+            .request(method.clone(), &url)
+            .header(AUTHORIZATION, auth.header()?);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        match req.send().await {
+            Ok(r) => {
+                if let Some(refused) = crate::http::redirect_refused(&r) {
+                    return Err(Error::Es(format!("{method} {shown} {refused}")));
+                }
+                let status = r.status().as_u16();
+                let v = match super::read_body(r).await {
+                    Ok(b) => parse_body(&b),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "elasticsearch answer not read");
+                        Value::Null
+                    }
+                };
+                Ok(Attempt::Answer(status, v))
+            }
+            Err(e) => Ok(Attempt::Failed {
+                error: format!("{method} {shown}: {}", http_error(&e)),
+                // A connection that was never made carried no request.
+                sent: !e.is_connect(),
+            }),
+        }
+    }
+
+    /// One call with bounded retries on 429, 5xx and connection errors. Not for a
+    /// request that creates something: see [`Config::create_key`].
     pub(crate) async fn call(
         &self,
         client: &reqwest::Client,
@@ -327,40 +378,21 @@ impl Connection {
         auth: &Auth,
         body: Option<&Value>,
     ) -> Result<(u16, Value), Error> {
-        let url = format!("{}{path}", self.url);
-        // The path without its query string, for messages.
         let shown = path.split('?').next().unwrap_or(path);
         let mut last = String::new();
         for attempt in 0..3u32 {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(200 << (attempt - 1))).await;
             }
-            let mut req = client
-                .request(method.clone(), &url)
-                .header(AUTHORIZATION, auth.header()?);
-            if let Some(b) = body {
-                req = req.json(b);
-            }
-            match req.send().await {
-                Ok(r) => {
-                    let status = r.status().as_u16();
-                    let v = match super::read_body(r).await {
-                        Ok(b) => parse_body(&b),
-                        Err(e) => {
-                            tracing::debug!(error = %e, "elasticsearch answer not read");
-                            Value::Null
-                        }
-                    };
-                    if status == 429 || status >= 500 {
-                        last = describe_error(&method, shown, status, &v);
-                        tracing::debug!(attempt, reason = %last, "elasticsearch call failed; retrying");
-                        continue;
-                    }
-                    return Ok((status, v));
+            match self.attempt(client, &method, path, auth, body).await? {
+                Attempt::Answer(status, v) if retryable(status) => {
+                    last = describe_error(&method, shown, status, &v);
+                    tracing::debug!(attempt, reason = %last, "elasticsearch call failed; retrying");
                 }
-                Err(e) => {
-                    last = format!("{method} {shown}: {}", http_error(&e));
-                    if !e.is_connect() {
+                Attempt::Answer(status, v) => return Ok((status, v)),
+                Attempt::Failed { error, sent } => {
+                    last = error;
+                    if sent {
                         break;
                     }
                 }
@@ -390,6 +422,19 @@ impl Connection {
             )))
         }
     }
+}
+
+/// What one request to the cluster gave.
+enum Attempt {
+    /// The cluster (or a proxy in front of it) answered.
+    Answer(u16, Value),
+    /// No answer; `sent`: the request may have reached the cluster.
+    Failed { error: String, sent: bool },
+}
+
+/// An answer worth trying again: the cluster (or a proxy) is overloaded or failed.
+fn retryable(status: u16) -> bool {
+    status == 429 || status >= 500
 }
 
 fn valid_privilege(p: &str) -> bool {
@@ -546,24 +591,32 @@ impl Config {
             "role_descriptors": self.role_descriptors(ctx.name),
             "metadata": {"managed_by": "rotd", "secret": ctx.name, "rotation": rotation},
         });
-        let v = self
-            .conn
-            .call_ok(
-                &client,
-                reqwest::Method::POST,
-                "/_security/api_key",
-                &admin,
-                Some(&body),
-            )
-            .await?;
+        let v = self.create_key(&client, &admin, &body, &name).await?;
         let Some(created) = created_key(&v) else {
             return Err(Error::Es(
                 "POST /_security/api_key: the answer has no id or api_key".into(),
             ));
         };
+        // The values become a record line, a trailer and maybe a deliver path: only
+        // their real format is taken. The key the cluster made is not addressed by
+        // the id it answered: the rollback finds it by its name, which is rotd's own.
+        let secret = Secret::new(created.api_key.to_owned());
+        let _registered = crate::redact::register(&secret, None);
+        crate::validate::es_id(created.id, "the id in the answer of POST /_security/api_key")
+            .and_then(|()| {
+                crate::validate::es_api_key(
+                    created.api_key,
+                    "the api_key in the answer of POST /_security/api_key",
+                )
+            })
+            .map_err(|m| {
+                Error::Es(format!(
+                    "{m}; the cluster (or a proxy in front of it) answered something no Elasticsearch makes: check target.url; the key named {name} is invalidated by the rollback"
+                ))
+            })?;
         let id = created.id;
         let mut rec = Record {
-            secret: Secret::new(created.api_key.to_owned()),
+            secret,
             meta: new.meta.clone(),
         };
         rec.set(key::KEY_ID, id);
@@ -576,6 +629,85 @@ impl Config {
             record: Some(rec),
             ..Undo::default()
         })
+    }
+
+    /// `POST /_security/api_key`, never retried blindly. An answer that may come
+    /// after the key was made (429, 5xx from a proxy, a timeout, a reset connection)
+    /// does not say whether it was: before the next try, the keys of this name are
+    /// looked up and invalidated. None is adopted: Elasticsearch never shows a key's
+    /// secret again, so a found key could not be delivered, only left live. So at most
+    /// one live key of the name remains: the one whose answer arrived.
+    async fn create_key(
+        &self,
+        client: &reqwest::Client,
+        admin: &Auth,
+        body: &Value,
+        name: &str,
+    ) -> Result<Value, Error> {
+        let method = reqwest::Method::POST;
+        let path = "/_security/api_key";
+        let mut last = String::new();
+        for attempt in 0..3u32 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(200 << (attempt - 1))).await;
+            }
+            match self
+                .conn
+                .attempt(client, &method, path, admin, Some(body))
+                .await?
+            {
+                Attempt::Answer(status, v) if (200..300).contains(&status) => return Ok(v),
+                Attempt::Answer(status, v) if retryable(status) => {
+                    last = describe_error(&method, path, status, &v);
+                }
+                Attempt::Answer(status, v) => {
+                    return Err(Error::Es(describe_error(&method, path, status, &v)))
+                }
+                // Nothing reached the cluster: nothing to look up.
+                Attempt::Failed { error, sent: false } => {
+                    last = error;
+                    continue;
+                }
+                Attempt::Failed { error, sent: true } => last = error,
+            }
+            tracing::debug!(attempt, reason = %last, key_name = name, "creating the API key failed after it may have been made; invalidating any key of its name before trying again");
+            let found = self.invalidate_named(client, admin, name).await.map_err(|e| {
+                Error::Es(format!(
+                    "{last}; the key may have been made, and looking it up by its name {name} failed: {e}"
+                ))
+            })?;
+            if !found.is_empty() {
+                tracing::warn!(key_ids = ?found, key_name = name, "the cluster made the API key but its answer was lost; invalidated it before trying again");
+            }
+        }
+        Err(Error::Es(last))
+    }
+
+    /// Invalidates every live key named `name` (found with `GET ?name=`); their ids.
+    async fn invalidate_named(
+        &self,
+        client: &reqwest::Client,
+        admin: &Auth,
+        name: &str,
+    ) -> Result<Vec<String>, Error> {
+        let v = self
+            .conn
+            .call_ok(
+                client,
+                reqwest::Method::GET,
+                &format!("/_security/api_key?name={}", enc(name)),
+                admin,
+                None,
+            )
+            .await?;
+        let ids: Vec<String> = live_keys_named(&v, name)
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        if !ids.is_empty() {
+            self.invalidate(client, admin, &ids).await?;
+        }
+        Ok(ids)
     }
 
     pub async fn probe(&self, new: &Record, ctx: &ProbeContext<'_>) -> Result<ProbeReport, Error> {
@@ -756,6 +888,12 @@ impl Config {
             .into_iter()
             .chain(pending.key_id());
         for id in known {
+            // A record from git may be damaged or forged: an id that is not one is
+            // not sent; the name lookup below still finds the key.
+            if crate::validate::es_id(id, "the key id in the pending record").is_err() {
+                tracing::warn!("the pending record's key id is not an Elasticsearch id; finding the key by its name only");
+                continue;
+            }
             if !ids.iter().any(|x| x == id) {
                 ids.push(id.to_owned());
             }
@@ -895,8 +1033,11 @@ pub(crate) async fn probe_document(
         .await
         .map_err(|e| Error::Probe(format!("reading the probe document back: {e}")))?;
     if !probe_doc_found(&got, ctx.rotation_id) {
+        // The index and id are the cluster's text.
         return Err(Error::Probe(format!(
-            "the probe document {doc_id} is not found in {index}"
+            "the probe document {} is not found in {}",
+            crate::redact::peer_text(doc_id, 200),
+            crate::redact::peer_text(index, 200)
         )));
     }
     Ok(())
@@ -967,6 +1108,8 @@ pub fn live_keys_named<'a>(v: &'a Value, name: &str) -> Vec<&'a str> {
         .flatten()
         .filter(|k| k["name"].as_str() == Some(name) && k["invalidated"] != json!(true))
         .filter_map(|k| k["id"].as_str())
+        // An id not in Elasticsearch's format is no key rotd could address.
+        .filter(|id| crate::validate::es_id(id, "id").is_ok())
         .collect()
 }
 
@@ -998,7 +1141,7 @@ pub fn invalidate_errors(v: &Value) -> Option<String> {
     Some(format!(
         "DELETE /_security/api_key reported {} error(s): {}",
         v["error_count"],
-        details.join("; ")
+        crate::redact::peer_text(&details.join("; "), MAX_DETAIL)
     ))
 }
 
@@ -1215,8 +1358,10 @@ pub fn encoded(id: &str, api_key: &Secret) -> Secret {
     Secret::new(STANDARD.encode(format!("{id}:{}", api_key.expose())))
 }
 
-/// An `Authorization` header value; Debug never shows it.
-pub(crate) struct Auth(String);
+/// An `Authorization` header value; Debug never shows it. While it lives, its
+/// credential is registered for redaction ([`crate::redact`]): a cluster that echoes
+/// it in an error has it scrubbed from the message.
+pub(crate) struct Auth(String, #[allow(dead_code)] crate::redact::Registration);
 
 impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -1227,14 +1372,20 @@ impl std::fmt::Debug for Auth {
 impl Auth {
     /// `Basic base64(user:password)`.
     pub(crate) fn basic(user: &str, password: &Secret) -> Auth {
-        Auth(format!(
-            "Basic {}",
-            STANDARD.encode(format!("{user}:{}", password.expose()))
-        ))
+        Auth(
+            format!(
+                "Basic {}",
+                STANDARD.encode(format!("{user}:{}", password.expose()))
+            ),
+            crate::redact::register(password, Some(user)),
+        )
     }
 
     pub(crate) fn api_key(id: &str, api_key: &Secret) -> Auth {
-        Auth(format!("ApiKey {}", encoded(id, api_key).expose()))
+        Auth(
+            format!("ApiKey {}", encoded(id, api_key).expose()),
+            crate::redact::register(api_key, Some(id)),
+        )
     }
 
     fn header(&self) -> Result<HeaderValue, Error> {
@@ -1257,6 +1408,9 @@ pub(crate) fn enc(s: &str) -> String {
     }
     out
 }
+
+/// The most of the cluster's own text (`reason`s) quoted in one message.
+const MAX_DETAIL: usize = 600;
 
 /// "METHOD /path answered HTTP 401: security_exception: reason (…); what to do".
 /// ES error bodies (`{"error":{"root_cause":[…],"type":…,"reason":…},"status":…}`)
@@ -1293,6 +1447,8 @@ pub fn describe_error(
         s if s >= 500 => "; the cluster failed",
         _ => "",
     };
+    // The detail is the cluster's text: scrubbed of credentials in use, then cut.
+    let detail = crate::redact::peer_text(&detail, MAX_DETAIL);
     format!("{method} {path} answered HTTP {status}{detail}{hint}")
 }
 

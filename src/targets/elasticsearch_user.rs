@@ -47,11 +47,6 @@ pub struct Config {
     pub probe_index: Option<String>,
 }
 
-/// Elasticsearch user names: 1–507 printable characters, no leading/trailing space.
-fn valid_username(u: &str) -> bool {
-    !u.is_empty() && u.len() <= 507 && u.trim() == u && u.chars().all(|c| !c.is_control())
-}
-
 impl Config {
     pub(crate) fn from_raw(
         raw: &Spanned<RawTarget>,
@@ -73,18 +68,16 @@ impl Config {
             raw,
         );
         let conn = Connection::from_raw(raw, probe, KIND, "changes the user's password", rep);
+        // The username goes into records, the `{{username}}` of deliver paths and a
+        // URL path: the conservative charset of `crate::validate::username`.
         let username = match t.username() {
-            Some(u) if valid_username(u.get_ref()) => Some(u.get_ref().clone()),
-            Some(u) => {
-                rep.at(
-                    u,
-                    format!(
-                        "target.username = {:?} is not an Elasticsearch user name",
-                        u.get_ref()
-                    ),
-                );
-                None
-            }
+            Some(u) => match crate::validate::username(u.get_ref()) {
+                Ok(()) => Some(u.get_ref().clone()),
+                Err(m) => {
+                    rep.at(u, format!("target.username: {m}"));
+                    None
+                }
+            },
             None => {
                 rep.at(raw, "target.username is required for elasticsearch-user-password: the native user whose password rotates");
                 None
@@ -218,8 +211,10 @@ impl Config {
 pub fn authenticated_as(v: &serde_json::Value, username: &str) -> Result<(), String> {
     match v["username"].as_str() {
         Some(u) if u == username => Ok(()),
+        // The answered name is the cluster's text: it could echo a credential.
         other => Err(format!(
-            "GET /_security/_authenticate answered username {other:?}, expected {username:?}"
+            "GET /_security/_authenticate answered username {:?}, expected {username:?}",
+            other.map(|o| crate::redact::peer_text(o, 200))
         )),
     }
 }

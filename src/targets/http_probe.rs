@@ -1,9 +1,12 @@
 //! The generic HTTP probe: one request with a header rendered from the new credential,
 //! expecting a given status. Retried with the schedule's `[probe]` attempts and interval.
+//!
+//! A redirect is a failure at once, never followed and never retried: the probe must
+//! prove the configured address, and the header it sends holds the credential.
 
 use std::time::Instant;
 
-use super::{client, http_error, Error, ProbeContext, ProbeReport};
+use super::{http_error, Error, ProbeContext, ProbeReport};
 use crate::config::HttpProbe;
 use crate::deliver::{self, Vars};
 use crate::store::Record;
@@ -14,7 +17,7 @@ pub async fn run(
     ctx: &ProbeContext<'_>,
 ) -> Result<ProbeReport, Error> {
     let started = Instant::now();
-    let client = client(ctx.probe.timeout)?;
+    let client = crate::http::client(&cfg.url, ctx.probe.timeout).map_err(Error::Probe)?;
     let vars = Vars {
         secret: &new.secret,
         username: new.username(),
@@ -45,6 +48,10 @@ pub async fn run(
                     elapsed: started.elapsed(),
                     detail: format!("HTTP {}", cfg.expect),
                 })
+            }
+            Ok(resp) if resp.status().is_redirection() => {
+                let refused = crate::http::redirect_refused(&resp).unwrap_or_default();
+                return Err(Error::Probe(format!("{} {refused}", cfg.url)));
             }
             Ok(resp) => {
                 last = format!(

@@ -283,59 +283,11 @@ impl Config {
     }
 }
 
-/// An HTTP client with the probe's time limit.
+/// An HTTP client with the probe's time limit (see [`crate::http`]: no redirect is
+/// followed, so an `https://` URL is never answered over http either).
 pub(crate) fn client(timeout: Duration) -> Result<reqwest::Client, Error> {
-    reqwest::Client::builder()
-        .timeout(timeout)
-        .connect_timeout(timeout)
-        .build()
-        .map_err(|e| Error::Probe(format!("cannot build an HTTP client: {e}")))
+    crate::http::build(crate::http::builder(timeout), "").map_err(Error::Probe)
 }
 
-/// The most rotd reads of a peer's answer. Its answers are small (a query result, an
-/// Elasticsearch response, an error page); a larger one, or one that never ends, is
-/// refused once this much has arrived rather than held in memory until the timeout.
-pub const MAX_BODY: usize = 16 << 20;
-
-/// Reads a response body, refusing it past [`MAX_BODY`].
-pub(crate) async fn read_body(mut resp: reqwest::Response) -> Result<Vec<u8>, String> {
-    let too_big = || {
-        format!(
-            "the answer is larger than the {} MiB rotd reads",
-            MAX_BODY >> 20
-        )
-    };
-    if resp.content_length().is_some_and(|n| n > MAX_BODY as u64) {
-        return Err(too_big());
-    }
-    let mut out = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(|e| http_error(&e))? {
-        if out.len() + chunk.len() > MAX_BODY {
-            return Err(too_big());
-        }
-        out.extend_from_slice(&chunk);
-    }
-    Ok(out)
-}
-
-/// Describes a reqwest error without its URL's query string (the URL is config, but
-/// keep errors short and free of anything a future caller may put there).
-pub(crate) fn http_error(e: &reqwest::Error) -> String {
-    let kind = if e.is_timeout() {
-        "timed out"
-    } else if e.is_connect() {
-        "connection failed"
-    } else if e.is_decode() {
-        "response could not be decoded"
-    } else {
-        "request failed"
-    };
-    let mut s = kind.to_owned();
-    let mut src: Option<&dyn std::error::Error> = std::error::Error::source(e);
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
-}
+pub use crate::http::MAX_BODY;
+pub(crate) use crate::http::{describe as http_error, read_body};

@@ -301,6 +301,8 @@ pub struct Faults {
     invalidate: AtomicU8,
     delay_ms: AtomicU64,
     grant_extra: AtomicBool,
+    lose_create_answer: FaultKnob,
+    create_answer_patch: Mutex<Option<Value>>,
 }
 
 impl Faults {
@@ -364,6 +366,8 @@ impl Faults {
         self.fail_invalidate(None);
         self.set_delay(Duration::ZERO);
         self.grant_extra_privileges(false);
+        self.lose_create_answer_next(0, 502);
+        self.patch_create_answer(None);
     }
 
     fn delay(&self) -> Duration {
@@ -1115,7 +1119,8 @@ impl Shared {
                     return Err(fault_error(status, "create api key"));
                 }
                 let extra = self.faults.grant_extra.load(Ordering::SeqCst);
-                st.create_key(&who, body, now, extra)
+                let reply = st.create_key(&who, body, now, extra)?;
+                self.faults.after_create(reply)
             }
             Route::GetKeys => st.get_keys(&who, &params, now),
             Route::InvalidateKeys => {
@@ -2856,4 +2861,42 @@ fn parse_query(q: Option<&str>) -> BTreeMap<String, String> {
         );
     }
     out
+}
+
+/// Hostile answers to a create (a proxy that loses them, a cluster that lies).
+impl Faults {
+    /// The next `n` create-API-key calls are carried out (the key exists and is
+    /// valid) but answered `status` (e.g. 502 from a proxy), as if the answer was lost.
+    pub fn lose_create_answer_next(&self, n: u32, status: u16) {
+        self.lose_create_answer.set(Some(status), n);
+    }
+
+    /// Fields of every create answer replaced by those of `patch` (an object), e.g.
+    /// `{"id": "../../x"}`; the key is made as asked. `None` stops it.
+    pub fn patch_create_answer(&self, patch: Option<Value>) {
+        *self
+            .create_answer_patch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = patch;
+    }
+
+    fn after_create(&self, mut reply: Reply) -> Result<Reply, EsError> {
+        if let Some(status) = self.lose_create_answer.take() {
+            return Err(fault_error(
+                status,
+                "create api key (the key was made; answer lost)",
+            ));
+        }
+        let patch = self
+            .create_answer_patch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let (Some(Value::Object(p)), Value::Object(body)) = (patch, &mut reply.body) {
+            for (k, v) in p {
+                body.insert(k, v);
+            }
+        }
+        Ok(reply)
+    }
 }
