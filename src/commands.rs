@@ -586,7 +586,7 @@ fn import(
     if let Some(k) = &key_id {
         rec.set(key::KEY_ID, k);
     }
-    let fp = store.fingerprint(&rec.secret);
+    let fp = store.fingerprint(name, &rec.secret);
     let put = store.put_record(name, Slot::Current, &rec)?;
     let mut msg = Message::new(format!("import {name}"))
         .trailer("Rotd-Secret", name)

@@ -309,8 +309,9 @@ impl Store {
         Ok(Repository::open(&self.cfg.path)?)
     }
 
-    pub fn fingerprint(&self, secret: &Secret) -> String {
-        crate::secret::fingerprint(self.keys.fingerprint_key(), secret)
+    /// The `Rotd-Fingerprint` of the value `name` holds (keyed per name).
+    pub fn fingerprint(&self, name: &str, secret: &Secret) -> String {
+        crate::secret::fingerprint(self.keys.fingerprint_key(), name, secret)
     }
 
     /// Takes the store-wide lock that every commit is made under.
