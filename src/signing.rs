@@ -231,6 +231,32 @@ impl Signer {
     pub fn fingerprint(&self) -> String {
         self.fingerprint.clone()
     }
+
+    /// A new ed25519 key from the system CSPRNG, as the text of an unencrypted
+    /// OpenSSH private key file (what `ssh-keygen -t ed25519 -N ''` writes) and the
+    /// public key line "ssh-ed25519 AAAA… comment". `rotd init` writes them when
+    /// `store.signing_key` names a file that does not exist yet.
+    pub fn generate(comment: &str) -> Result<(zeroize::Zeroizing<String>, String), Error> {
+        let err = |reason: String| Error::Sign {
+            fingerprint: "(a new key)".into(),
+            reason,
+        };
+        // Filled in place, so the seed never sits in a buffer that is not zeroized.
+        let mut seed = zeroize::Zeroizing::new([0u8; 32]);
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed[..])
+            .map_err(|_| err("the system random number generator failed".into()))?;
+        let pair = ssh_key::private::Ed25519Keypair::from_seed(&seed);
+        let key = PrivateKey::new(ssh_key::private::KeypairData::Ed25519(pair), comment)
+            .map_err(|e| err(e.to_string()))?;
+        let text = key
+            .to_openssh(LineEnding::LF)
+            .map_err(|e| err(e.to_string()))?;
+        let public = key
+            .public_key()
+            .to_openssh()
+            .map_err(|e| err(e.to_string()))?;
+        Ok((text, public))
+    }
 }
 
 /// One line of an allowed-signers file.
@@ -287,6 +313,12 @@ impl AllowedSigners {
             entries.push(entry);
         }
         Ok(AllowedSigners { entries })
+    }
+
+    /// Adds the keys of `other` (e.g. this instance's own signing key, which is
+    /// trusted whether or not the file lists it).
+    pub fn extend(&mut self, other: AllowedSigners) {
+        self.entries.extend(other.entries);
     }
 
     /// Number of keys listed.
