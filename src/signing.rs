@@ -779,6 +779,38 @@ mod tests {
     }
 
     #[test]
+    fn generated_keys_load_sign_and_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let (text, public) = Signer::generate("rotd@host").unwrap();
+        assert!(text.starts_with("-----BEGIN OPENSSH PRIVATE KEY-----"));
+        assert!(public.starts_with("ssh-ed25519 ") && public.ends_with(" rotd@host"));
+        let path = dir.path().join("k");
+        std::fs::write(&path, text.as_bytes()).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let s = Signer::from_file(&path).unwrap();
+        assert_eq!(s.public_key_openssh(), public);
+        let sig = s.sign(b"data").unwrap();
+        let allowed = AllowedSigners::parse(&format!("p {public}\n")).unwrap();
+        assert!(allowed.verify(b"data", &sig).is_ok());
+        assert_ne!(
+            Signer::generate("x").unwrap().1,
+            Signer::generate("x").unwrap().1
+        );
+    }
+
+    #[test]
+    fn extend_adds_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (signer(dir.path(), 1), signer(dir.path(), 2));
+        let mut allowed = allowed_for(&a, "a");
+        let sig = b.sign(b"d").unwrap();
+        assert!(allowed.verify(b"d", &sig).is_err());
+        allowed.extend(allowed_for(&b, "b"));
+        assert_eq!(allowed.len(), 2);
+        assert_eq!(allowed.verify(b"d", &sig).unwrap().principal, "b");
+    }
+
+    #[test]
     fn sign_verify_roundtrip() {
         let dir = tempfile::tempdir().unwrap();
         let s = signer(dir.path(), 1);

@@ -1064,6 +1064,67 @@ pub struct InitReport {
 mod tests {
     use super::*;
 
+    fn key(dir: &Path, name: &str) -> Signer {
+        let (text, _) = Signer::generate(name).unwrap();
+        let path = dir.join(name);
+        fsutil::write_atomic(&path, text.as_bytes(), 0o600).unwrap();
+        Signer::from_file(&path).unwrap()
+    }
+
+    fn commit(repo: &Repository, parent: Option<Oid>, signer: Option<&Signer>) -> Oid {
+        let sig = Signature::now("rotd", "rotd@localhost").unwrap();
+        let tree = repo
+            .find_tree(repo.treebuilder(None).unwrap().write().unwrap())
+            .unwrap();
+        let parent = parent.map(|p| repo.find_commit(p).unwrap());
+        let parents: Vec<&git2::Commit> = parent.iter().collect();
+        signing::commit(repo, None, &sig, &sig, "c", &tree, &parents, signer).unwrap()
+    }
+
+    #[test]
+    fn only_signed_fast_forwards_are_adopted() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init(dir.path().join("r")).unwrap();
+        let ours_key = key(dir.path(), "ours");
+        let stranger = key(dir.path(), "stranger");
+        let allowed = AllowedSigners::parse(&format!(
+            "rotd@localhost {}\n",
+            ours_key.public_key_openssh()
+        ))
+        .unwrap();
+        let root = commit(&repo, None, Some(&ours_key));
+        let good = commit(&repo, Some(root), Some(&ours_key));
+        assert!(refuse_incoming(&repo, Some(root), good, &allowed)
+            .unwrap()
+            .is_none());
+        assert!(refuse_incoming(&repo, None, good, &allowed)
+            .unwrap()
+            .is_none());
+
+        // The first bad commit is named, even under a good one.
+        let unsigned = commit(&repo, Some(good), None);
+        let on_top = commit(&repo, Some(unsigned), Some(&ours_key));
+        let (c, why) = refuse_incoming(&repo, Some(good), on_top, &allowed)
+            .unwrap()
+            .unwrap();
+        assert_eq!((c, why.as_str()), (unsigned, "it is not signed"));
+
+        let foreign = commit(&repo, Some(good), Some(&stranger));
+        let (c, why) = refuse_incoming(&repo, Some(good), foreign, &allowed)
+            .unwrap()
+            .unwrap();
+        assert_eq!(c, foreign);
+        assert!(why.contains("not in the allowed signers"), "{why}");
+
+        // A signed fork that does not contain HEAD is a rewritten history.
+        let fork = commit(&repo, Some(root), Some(&ours_key));
+        let (c, why) = refuse_incoming(&repo, Some(good), fork, &allowed)
+            .unwrap()
+            .unwrap();
+        assert_eq!(c, fork);
+        assert!(why.contains("not a fast-forward"), "{why}");
+    }
+
     #[test]
     fn local_remotes_are_told_from_network_ones() {
         assert_eq!(
