@@ -5,6 +5,8 @@
 //! and each `secrets/*.age` blob is decrypted once (cached by blob id). The checks:
 //!
 //! * every commit is signed by an allowed key (when signing is configured);
+//! * the remote-tracking branch holds nothing the sync would refuse (unsigned or
+//!   foreign commits, a rewritten history);
 //! * every `secrets/*.age` at HEAD decrypts with the identity;
 //! * no blob anywhere in history holds a current or past secret in plaintext;
 //! * every `pending` step has a terminal step, or is the rotation in flight;
@@ -26,7 +28,7 @@ use crate::store::{self, Store};
 /// One problem found by the audit.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Finding {
-    /// Which check: `signature`, `decrypt`, `plaintext`, `pending`, `trailers`, `recipients`.
+    /// Which check: `signature`, `remote`, `decrypt`, `plaintext`, `pending`, `trailers`, `recipients`.
     pub check: &'static str,
     pub commit: String,
     pub file: Option<String>,
@@ -64,24 +66,65 @@ pub fn signature_status(repo: &Repository, oid: Oid, allowed: &AllowedSigners) -
     }
 }
 
-/// The keys whose signatures are accepted: `path` (or `store.allowed_signers`), else
-/// the signer's own public key when `store.signing_key` is set, else none (signatures
-/// are not checked).
+/// The keys whose signatures are accepted: `path` alone when given (`--allowed-signers`),
+/// else the keys the store adopts remote commits from ([`Store::trusted_signers`]:
+/// `store.allowed_signers` plus the signer's own key), else none (signatures are not
+/// checked).
 pub fn allowed_signers(
     store: &Store,
     path: Option<&Path>,
 ) -> Result<Option<AllowedSigners>, store::Error> {
-    if let Some(p) = path.or(store.config().allowed_signers.as_deref()) {
+    if let Some(p) = path {
         return Ok(Some(AllowedSigners::from_file(p)?));
     }
-    match store.signer() {
-        Some(s) => Ok(Some(AllowedSigners::parse(&format!(
-            "{} {}\n",
-            store.config().author_email,
-            s.public_key_openssh()
-        ))?)),
-        None => Ok(None),
+    store.trusted_signers()
+}
+
+/// Findings for the remote-tracking branch (what the last fetch saw on the remote)
+/// beyond HEAD: commits the sync refuses to adopt, because they are not signed by an
+/// allowed key or do not fast-forward HEAD.
+fn remote_findings(
+    store: &Store,
+    repo: &Repository,
+    head: Oid,
+    allowed: &AllowedSigners,
+) -> Result<Vec<Finding>, git2::Error> {
+    let branch = &store.config().branch;
+    let tracking = format!("refs/remotes/origin/{branch}");
+    let Ok(theirs) = repo.refname_to_id(&tracking) else {
+        return Ok(Vec::new());
+    };
+    let mut findings = Vec::new();
+    if theirs == head || repo.graph_descendant_of(head, theirs)? {
+        return Ok(findings);
     }
+    if !repo.graph_descendant_of(theirs, head)? {
+        findings.push(Finding {
+            check: "remote",
+            commit: theirs.to_string(),
+            file: None,
+            message: format!("origin/{branch} is not a fast-forward of HEAD {head}: the remote branch was rewritten; rotd does not adopt it"),
+        });
+    }
+    let mut walk = repo.revwalk()?;
+    walk.set_sorting(git2::Sort::TOPOLOGICAL | git2::Sort::REVERSE)?;
+    walk.push(theirs)?;
+    walk.hide(head)?;
+    for oid in walk {
+        let oid = oid?;
+        let problem = match signing::verify_commit(repo, oid, allowed) {
+            Ok(Some(_)) => continue,
+            Ok(None) => "is not signed".to_owned(),
+            Err(e) => format!("has a signature that is not accepted: {e}"),
+        };
+        findings.push(Finding {
+            check: "remote",
+            commit: oid.to_string(),
+            file: None,
+            message: format!("this commit on origin/{branch} {problem}; rotd does not adopt it"),
+        });
+    }
+    Ok(findings)
 }
 
 /// An audit failed to run (not a finding).
@@ -283,6 +326,9 @@ pub fn verify(store: &Store, opts: &Options) -> Result<Report, Error> {
     }
     let head = *oids.last().expect("a branch has a commit");
     let head_tree = repo.find_commit(head)?.tree()?;
+    if let Some(allowed) = &allowed {
+        findings.extend(remote_findings(store, &repo, head, allowed)?);
+    }
 
     // Decrypt every version of every secret file once; collect the secret values.
     let mut secrets: Vec<zeroize::Zeroizing<Vec<u8>>> = Vec::new();

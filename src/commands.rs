@@ -416,14 +416,44 @@ fn verify(
     })
 }
 
+/// The loud line `init` and `check` print on stderr when the store remote is trusted
+/// blindly: without signing, whoever can push to the remote decides what rotd
+/// delivers.
+fn warn_unsigned_remote(config: &Path, store: &config::Store) {
+    if store.signing_key.is_some() || store.allowed_signers.is_some() {
+        return;
+    }
+    if let Some(remote) = &store.remote {
+        eprintln!(
+            "WARNING: the store remote {remote} is trusted blindly: store.signing_key is not set, so rotd adopts whatever is pushed there, and anyone who can push to it can make rotd deliver a credential of their choosing. Set store.signing_key (and store.allowed_signers with the keys of the other rotd hosts) in {}; `rotd init` creates the key. See SECURITY.md.",
+            config.display()
+        );
+    }
+}
+
 fn init(path: &Path, out: &mut impl Write) -> Result<i32, Error> {
-    let cfg = config::load_store_only(path)?;
+    let cfg = config::load_for_init(path)?;
+    warn_unsigned_remote(path, &cfg.store);
     let report = Store::init(&cfg.store)?;
     if let Some(public) = &report.identity_created {
         writeln!(
             out,
             "created identity {} (public key {public})",
             cfg.store.identity.display()
+        )?;
+    }
+    if let (Some(public), Some(key)) = (&report.signing_key_created, &cfg.store.signing_key) {
+        writeln!(
+            out,
+            "created signing key {} (public key {public}): add it to the allowed_signers file of every other rotd host of this store",
+            key.display()
+        )?;
+    }
+    if let (true, Some(allowed)) = (report.allowed_signers_created, &cfg.store.allowed_signers) {
+        writeln!(
+            out,
+            "created allowed signers {} with this host's signing key",
+            allowed.display()
         )?;
     }
     writeln!(
@@ -459,6 +489,13 @@ fn check(path: &Path, out: &mut impl Write) -> Result<i32, Error> {
     if let Some(k) = &cfg.store.signing_key {
         if let Err(e) = crate::fsutil::check_private(k) {
             problems.push(e.to_string());
+        } else if let Err(e) = crate::signing::Signer::from_file(k) {
+            problems.push(e.to_string());
+        }
+    }
+    if let Some(a) = &cfg.store.allowed_signers {
+        if let Err(e) = crate::signing::AllowedSigners::from_file(a) {
+            problems.push(e.to_string());
         }
     }
     if !problems.is_empty() {
@@ -474,6 +511,7 @@ fn check(path: &Path, out: &mut impl Write) -> Result<i32, Error> {
         )
         .into());
     }
+    warn_unsigned_remote(path, &cfg.store);
     writeln!(
         out,
         "{}: ok, {} schedule(s)",
@@ -605,7 +643,7 @@ fn import(
     if let Some(k) = &key_id {
         rec.set(key::KEY_ID, k);
     }
-    let fp = store.fingerprint(&rec.secret);
+    let fp = store.fingerprint(name, &rec.secret);
     let put = store.put_record(name, Slot::Current, &rec)?;
     let mut msg = Message::new(format!("import {name}"))
         .trailer("Rotd-Secret", name)

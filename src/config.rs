@@ -84,8 +84,9 @@ pub struct Store {
     pub identity: PathBuf,
     pub recipients: Option<PathBuf>,
     pub signing_key: Option<PathBuf>,
-    /// git's allowed-signers file for `rotd verify` and `history` (default: the
-    /// signing key's own public key).
+    /// git's allowed-signers file: the keys whose commits are adopted from the remote
+    /// and accepted by `rotd verify` and `history`. This instance's own signing key is
+    /// always trusted too.
     pub allowed_signers: Option<PathBuf>,
     /// Private key for an `ssh://` remote.
     pub remote_ssh_key: Option<PathBuf>,
@@ -355,15 +356,21 @@ fn toml_problem(file: &Path, text: &str, e: &toml::de::Error) -> Problem {
 
 /// Loads and checks `rotd.toml` and every schedule it points to.
 pub fn load(path: &Path) -> Result<Config, Error> {
-    load_with(path, true)
+    load_with(path, true, false)
 }
 
 /// Loads and checks `rotd.toml` only (`init`, `import`, `show` need no schedules).
 pub fn load_store_only(path: &Path) -> Result<Config, Error> {
-    load_with(path, false)
+    load_with(path, false, false)
 }
 
-fn load_with(path: &Path, with_schedules: bool) -> Result<Config, Error> {
+/// Like [`load_store_only`], for `rotd init`, which creates `store.signing_key` and
+/// `store.allowed_signers` when they are missing (as it creates the identity).
+pub fn load_for_init(path: &Path) -> Result<Config, Error> {
+    load_with(path, false, true)
+}
+
+fn load_with(path: &Path, with_schedules: bool, for_init: bool) -> Result<Config, Error> {
     let mut problems = Vec::new();
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
@@ -431,7 +438,8 @@ fn load_with(path: &Path, with_schedules: bool) -> Result<Config, Error> {
     ] {
         if let Some(p) = p {
             let full = rep.resolve(p.get_ref());
-            if !full.exists() {
+            let init_creates = for_init && matches!(what, "signing_key" | "allowed_signers");
+            if !full.exists() && !init_creates {
                 rep.at(
                     p,
                     format!(

@@ -16,6 +16,7 @@ pub const ROTATION_DURATION: &str = "rotd_rotation_duration_seconds";
 pub const PENDING_RETIREMENTS: &str = "rotd_pending_retirements";
 pub const SCHEDULE_ERRORS: &str = "rotd_schedule_errors";
 pub const RELOADS_TOTAL: &str = "rotd_schedule_reloads_total";
+pub const REMOTE_REFUSED: &str = "rotd_remote_refused";
 
 /// Histogram buckets of a rotation's duration (seconds).
 const BUCKETS: &[f64] = &[
@@ -56,6 +57,8 @@ pub struct Gauges {
     pub secrets: BTreeMap<String, SecretGauges>,
     pub pending_retirements: usize,
     pub schedule_errors: usize,
+    /// The store remote holds a state this clone refused to adopt.
+    pub remote_refused: bool,
 }
 
 impl Metrics {
@@ -189,6 +192,13 @@ impl Metrics {
         let _ = writeln!(out, "{SCHEDULE_ERRORS} {}", g.schedule_errors);
         head(
             &mut out,
+            REMOTE_REFUSED,
+            "gauge",
+            "1 while the store remote holds commits rotd refuses to adopt (unsigned, signed by a key not allowed, or not a fast-forward); the local store is kept.",
+        );
+        let _ = writeln!(out, "{REMOTE_REFUSED} {}", u8::from(g.remote_refused));
+        head(
+            &mut out,
             RELOADS_TOTAL,
             "counter",
             "Schedule reloads, by outcome.",
@@ -228,5 +238,8 @@ mod tests {
         assert!(text.contains("rotd_rotation_duration_seconds_count{secret=\"a\"} 2"));
         assert!(text.contains("rotd_secret_age_seconds{secret=\"a\"} 5"));
         assert!(text.contains("rotd_schedule_errors 0"));
+        assert!(text.contains("rotd_remote_refused 0"));
+        g.remote_refused = true;
+        assert!(m.render(&g).contains("rotd_remote_refused 1"));
     }
 }

@@ -116,12 +116,22 @@ pub fn random_bytes(len: usize) -> Result<Vec<u8>, RandomError> {
     Ok(v)
 }
 
-/// Keyed fingerprint of a secret: HMAC-SHA256 under a key only the identity holder can
-/// derive, truncated to 16 bytes, hex. It lets an auditor tell rotations apart and
-/// match a value they hold, without publishing a hash that could be brute-forced.
-pub fn fingerprint(key: &[u8], secret: &Secret) -> String {
+/// Keyed fingerprint of the secret `name` holds: HMAC-SHA256 under a key only the
+/// identity holder can derive, over a domain separator, the name and the value,
+/// truncated to 16 bytes, hex. It lets an auditor tell rotations apart and match a
+/// value they hold, without publishing a hash that could be brute-forced; keyed per
+/// name, so that equal values under two names do not show as equal in the history.
+/// (Fingerprints written before the name was included stay as they were: nothing
+/// recomputes them.)
+pub fn fingerprint(key: &[u8], name: &str, secret: &Secret) -> String {
     let key = hmac::Key::new(hmac::HMAC_SHA256, key);
-    let tag = hmac::sign(&key, secret.expose().as_bytes());
+    let mut ctx = hmac::Context::with_key(&key);
+    // Secret names never hold NUL (`config::valid_name`), so the framing is unambiguous.
+    ctx.update(b"rotd fingerprint v2\0");
+    ctx.update(name.as_bytes());
+    ctx.update(b"\0");
+    ctx.update(secret.expose().as_bytes());
+    let tag = ctx.sign();
     hex::encode(&tag.as_ref()[..16])
 }
 
@@ -171,8 +181,22 @@ mod tests {
     #[test]
     fn fingerprint_is_keyed() {
         let s = Secret::new("x".into());
-        assert_ne!(fingerprint(b"k1", &s), fingerprint(b"k2", &s));
-        assert_eq!(fingerprint(b"k1", &s), fingerprint(b"k1", &s));
-        assert_eq!(fingerprint(b"k1", &s).len(), 32);
+        assert_ne!(fingerprint(b"k1", "a", &s), fingerprint(b"k2", "a", &s));
+        assert_eq!(fingerprint(b"k1", "a", &s), fingerprint(b"k1", "a", &s));
+        assert_eq!(fingerprint(b"k1", "a", &s).len(), 32);
+    }
+
+    #[test]
+    fn fingerprint_is_keyed_per_name() {
+        let s = Secret::new("the same value".into());
+        assert_ne!(
+            fingerprint(b"k", "first", &s),
+            fingerprint(b"k", "second", &s)
+        );
+        // The separator keeps name and value apart: ("ab", "c") is not ("a", "bc").
+        assert_ne!(
+            fingerprint(b"k", "ab", &Secret::new("c".into())),
+            fingerprint(b"k", "a", &Secret::new("bc".into()))
+        );
     }
 }

@@ -241,6 +241,32 @@ impl Signer {
     pub fn fingerprint(&self) -> String {
         self.fingerprint.clone()
     }
+
+    /// A new ed25519 key from the system CSPRNG, as the text of an unencrypted
+    /// OpenSSH private key file (what `ssh-keygen -t ed25519 -N ''` writes) and the
+    /// public key line "ssh-ed25519 AAAA… comment". `rotd init` writes them when
+    /// `store.signing_key` names a file that does not exist yet.
+    pub fn generate(comment: &str) -> Result<(zeroize::Zeroizing<String>, String), Error> {
+        let err = |reason: String| Error::Sign {
+            fingerprint: "(a new key)".into(),
+            reason,
+        };
+        // Filled in place, so the seed never sits in a buffer that is not zeroized.
+        let mut seed = zeroize::Zeroizing::new([0u8; 32]);
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed[..])
+            .map_err(|_| err("the system random number generator failed".into()))?;
+        let pair = ssh_key::private::Ed25519Keypair::from_seed(&seed);
+        let key = PrivateKey::new(ssh_key::private::KeypairData::Ed25519(pair), comment)
+            .map_err(|e| err(e.to_string()))?;
+        let text = key
+            .to_openssh(LineEnding::LF)
+            .map_err(|e| err(e.to_string()))?;
+        let public = key
+            .public_key()
+            .to_openssh()
+            .map_err(|e| err(e.to_string()))?;
+        Ok((text, public))
+    }
 }
 
 /// One line of an allowed-signers file.
@@ -295,6 +321,12 @@ impl AllowedSigners {
             entries.push(entry);
         }
         Ok(AllowedSigners { entries })
+    }
+
+    /// Adds the keys of `other` (e.g. this instance's own signing key, which is
+    /// trusted whether or not the file lists it).
+    pub fn extend(&mut self, other: AllowedSigners) {
+        self.entries.extend(other.entries);
     }
 
     /// Number of keys listed.
@@ -752,6 +784,38 @@ mod tests {
 
     fn allowed_for(s: &Signer, principal: &str) -> AllowedSigners {
         AllowedSigners::parse(&format!("{principal} {}\n", s.public_key_openssh())).unwrap()
+    }
+
+    #[test]
+    fn generated_keys_load_sign_and_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let (text, public) = Signer::generate("rotd@host").unwrap();
+        assert!(text.starts_with("-----BEGIN OPENSSH PRIVATE KEY-----"));
+        assert!(public.starts_with("ssh-ed25519 ") && public.ends_with(" rotd@host"));
+        let path = dir.path().join("k");
+        std::fs::write(&path, text.as_bytes()).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let s = Signer::from_file(&path).unwrap();
+        assert_eq!(s.public_key_openssh(), public);
+        let sig = s.sign(b"data").unwrap();
+        let allowed = AllowedSigners::parse(&format!("p {public}\n")).unwrap();
+        assert!(allowed.verify(b"data", &sig).is_ok());
+        assert_ne!(
+            Signer::generate("x").unwrap().1,
+            Signer::generate("x").unwrap().1
+        );
+    }
+
+    #[test]
+    fn extend_adds_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (signer(dir.path(), 1), signer(dir.path(), 2));
+        let mut allowed = allowed_for(&a, "a");
+        let sig = b.sign(b"d").unwrap();
+        assert!(allowed.verify(b"d", &sig).is_err());
+        allowed.extend(allowed_for(&b, "b"));
+        assert_eq!(allowed.len(), 2);
+        assert_eq!(allowed.verify(b"d", &sig).unwrap().principal, "b");
     }
 
     #[test]

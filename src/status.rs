@@ -22,6 +22,10 @@ pub struct Report {
     /// Whether a running daemon produced this report.
     #[serde(default)]
     pub daemon: bool,
+    /// The store remote's state this clone refused to adopt (unsigned or foreign
+    /// commits, a rewritten history), while the refusal stands.
+    #[serde(default)]
+    pub remote_refused: Option<store::Refusal>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -141,6 +145,7 @@ pub fn report_from(
         unpushed_commits: store.unpushed()?,
         schedule_errors: Vec::new(),
         daemon: false,
+        remote_refused: store.remote_refused(),
     })
 }
 
@@ -183,6 +188,13 @@ pub fn print(r: &Report, json: bool, out: &mut impl Write) -> std::io::Result<()
     }
     for e in &r.schedule_errors {
         writeln!(out, "schedule error: {e}")?;
+    }
+    if let Some(x) = &r.remote_refused {
+        writeln!(
+            out,
+            "store remote refused since {}: commit {} {}; the local store is kept at its last good state and no rotation runs until the remote is repaired (`rotd verify` lists the commits)",
+            x.time, x.commit, x.reason
+        )?;
     }
     Ok(())
 }

@@ -278,6 +278,7 @@ impl Shared {
                 }
             }
             g.schedule_errors = r.schedule_errors.len();
+            g.remote_refused = r.remote_refused.is_some();
         }
         self.metrics.render(&g)
     }

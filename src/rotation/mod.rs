@@ -391,7 +391,7 @@ impl Engine {
             });
         }
         let mut redacted = register(&[Some(&pending), current.as_ref()]);
-        let mut fp = self.store.fingerprint(&pending.secret);
+        let mut fp = self.store.fingerprint(&sched.name, &pending.secret);
         let msg = Self::message(&sched, "pending", &rotation, &trigger, Some(&pending))
             .trailer("Rotd-Fingerprint", &fp);
         // Committed and pushed as one step: the push is the compare-and-swap between
@@ -441,7 +441,7 @@ impl Engine {
                 // The target made the credential: record it before anything uses it.
                 pending = rec;
                 redacted.extend(register(&[Some(&pending)]));
-                fp = self.store.fingerprint(&pending.secret);
+                fp = self.store.fingerprint(&sched.name, &pending.secret);
                 let mut msg = Self::message(&sched, "pending", &rotation, &trigger, Some(&pending))
                     .trailer("Rotd-Fingerprint", &fp);
                 if let Some(k) = pending.key_id() {
@@ -565,7 +565,7 @@ impl Engine {
         };
         let started = std::time::Instant::now();
         let result = sched.target.update_in_place(current, &ctx).await;
-        let fp = self.store.fingerprint(&current.secret);
+        let fp = self.store.fingerprint(&sched.name, &current.secret);
         let (step, change, outcome) = match result {
             Ok(None) => return Ok(None),
             Ok(Some(targets::InPlace::Updated { record, detail })) => {
@@ -716,7 +716,7 @@ impl Engine {
         // Peers' answers (reload bodies, target errors) may quote a credential.
         let reason = scrub(reason, pending, current);
         let left_s = scrub(&left.join("; "), pending, current);
-        let fp = self.store.fingerprint(&pending.secret);
+        let fp = self.store.fingerprint(&sched.name, &pending.secret);
         let (step, changes) = if left.is_empty() {
             (
                 "rolled-back",

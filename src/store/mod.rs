@@ -17,6 +17,15 @@
 //!   lock ([`Store::commit_and_push`]), so no commit of another secret on this host
 //!   can land on top of a commit that is about to be dropped.
 //!
+//! What this clone adopts from the remote (the trust boundary, SECURITY.md): with
+//! `signing_key` or `allowed_signers` configured, [`Store::sync_from_remote`] moves
+//! the branch only by fast-forward, and only when every new commit is signed by a key
+//! of [`Store::trusted_signers`]. Anything else is refused: the local branch stays
+//! where it was, the refusal is logged and recorded in `.git/rotd-remote-refused.json`
+//! (read by `status` and `/metrics`), and the command that synced fails without
+//! changing anything. Without signing the remote is trusted blindly (`init` and
+//! `check` say so).
+//!
 //! libgit2's fsync of the git directory is switched on, so a commit that returned is
 //! on disk. Secrets are read from the commit at HEAD, never from the work tree; the
 //! work tree is kept equal to HEAD for the stock tools (`age -d secrets/NAME.age`).
@@ -34,7 +43,7 @@ use nix::fcntl::{Flock, FlockArg};
 use crate::config;
 use crate::fsutil;
 use crate::secret::Secret;
-use crate::signing::{self, Signer};
+use crate::signing::{self, AllowedSigners, Signer};
 pub use crypto::Keys;
 pub use record::Record;
 
@@ -67,6 +76,20 @@ pub enum Error {
     Diverged(PathBuf),
     #[error(transparent)]
     Signing(#[from] crate::signing::Error),
+    #[error(transparent)]
+    RemoteRefused(Box<Refused>),
+}
+
+/// The remote's state was refused ([`Store::sync_from_remote`]); boxed in [`Error`] to
+/// keep every store result small.
+#[derive(Debug, thiserror::Error)]
+#[error("refused to adopt commit {commit} from the store remote {remote}: {reason}. The local store stays at its last good state and rotd changes nothing until the remote is repaired: inspect it (`git -C {path} log -p HEAD..origin/{branch}`), then reset the remote branch to a commit this store trusts, or sign the commits with a key listed in store.allowed_signers", path = .path.display())]
+pub struct Refused {
+    pub commit: String,
+    pub remote: String,
+    pub reason: String,
+    pub path: PathBuf,
+    pub branch: String,
 }
 
 /// What to do when the store's disk refuses a write: rotd changed nothing it could not
@@ -168,6 +191,23 @@ pub enum Push {
     Unreachable(String),
 }
 
+/// A state of the remote that this clone refused to adopt (persisted until a sync
+/// finds the remote trustworthy again).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Refusal {
+    /// The commit refused: the first new commit without an allowed signature, or the
+    /// remote's tip when it is not a fast-forward.
+    pub commit: String,
+    /// The remote branch's tip when it was refused.
+    pub remote_tip: String,
+    pub reason: String,
+    /// When (RFC 3339, UTC).
+    pub time: String,
+}
+
+/// Where the last refusal is kept, inside the git directory (never pushed).
+const REFUSAL_FILE: &str = "rotd-remote-refused.json";
+
 /// A held `flock`; released on drop (and by the kernel if the process dies).
 pub struct Lock {
     _file: Flock<File>,
@@ -232,6 +272,35 @@ impl Store {
             let (text, public) = Keys::generate_identity_file();
             fsutil::write_atomic(&cfg.identity, text.as_bytes(), 0o600)?;
             report.identity_created = Some(public);
+        }
+        if let Some(key) = cfg.signing_key.as_deref().filter(|k| !k.exists()) {
+            if let Some(dir) = key.parent() {
+                create_private_dir(dir)?;
+            }
+            let (text, public) = Signer::generate(&cfg.author_email)?;
+            fsutil::write_atomic(key, text.as_bytes(), 0o600)?;
+            let mut pub_path = key.as_os_str().to_owned();
+            pub_path.push(".pub");
+            fsutil::write_atomic(
+                Path::new(&pub_path),
+                format!("{public}\n").as_bytes(),
+                0o644,
+            )?;
+            report.signing_key_created = Some(public);
+        }
+        // A new allowed-signers file starts with this instance's own key: other
+        // instances (and `git verify-commit`) can be pointed at the same file.
+        if let (Some(allowed), Some(key)) = (&cfg.allowed_signers, &cfg.signing_key) {
+            if !allowed.exists() {
+                let signer = Signer::from_file(key)?;
+                let line = format!(
+                    "# Keys whose commits rotd adopts from the store remote (git's allowed_signers format).\n{} {}\n",
+                    cfg.author_email,
+                    signer.public_key_openssh()
+                );
+                fsutil::write_atomic(allowed, line.as_bytes(), 0o644)?;
+                report.allowed_signers_created = true;
+            }
         }
         let keys = Keys::load(&cfg.identity, cfg.recipients.as_deref())?;
         create_private_dir(&cfg.path)?;
@@ -309,8 +378,9 @@ impl Store {
         Ok(Repository::open(&self.cfg.path)?)
     }
 
-    pub fn fingerprint(&self, secret: &Secret) -> String {
-        crate::secret::fingerprint(self.keys.fingerprint_key(), secret)
+    /// The `Rotd-Fingerprint` of the value `name` holds (keyed per name).
+    pub fn fingerprint(&self, name: &str, secret: &Secret) -> String {
+        crate::secret::fingerprint(self.keys.fingerprint_key(), name, secret)
     }
 
     /// Takes the store-wide lock that every commit is made under.
@@ -678,6 +748,16 @@ impl Store {
                 "the remote {branch} moved since this clone last fetched it"
             )));
         }
+        // Never a forced push: a remote holding commits this clone refused to adopt
+        // keeps them (as git-receive-pack refuses a non-fast-forward), for the
+        // operator to inspect.
+        if let Some(old) = expected {
+            if !repo.graph_descendant_of(head.id(), old)? {
+                return Ok(Push::Rejected(format!(
+                    "the remote {branch} holds commits this clone has not adopted (not a fast-forward)"
+                )));
+            }
+        }
         let incoming = format!("refs/rotd/incoming/{}-{}", std::process::id(), head.id());
         let mut remote = repo.find_remote("origin")?;
         let spec = format!("+{}:{incoming}", head.id());
@@ -728,6 +808,11 @@ impl Store {
 
     /// Fetches the remote branch and fast-forwards to it when this clone is behind.
     /// Returns Ok(false) when the remote could not be reached.
+    ///
+    /// With signing configured, a remote whose new commits are not all signed by a
+    /// trusted key, or that is not a fast-forward of HEAD, is refused
+    /// ([`Error::RemoteRefused`]): HEAD stays, and the refusal is logged and recorded
+    /// for `status` until the remote is trustworthy again.
     pub fn sync_from_remote(&self) -> Result<bool, Error> {
         if self.cfg.remote.is_none() {
             return Ok(true);
@@ -738,6 +823,8 @@ impl Store {
         let mut fo = git2::FetchOptions::new();
         fo.remote_callbacks(self.callbacks());
         let b = &self.cfg.branch;
+        // The remote-tracking ref records what the remote holds, trusted or not
+        // (`verify` reports what is refused there); only the branch is guarded.
         let refspec = format!("+refs/heads/{b}:refs/remotes/origin/{b}");
         if let Err(e) = remote.fetch(&[refspec.as_str()], Some(&mut fo), None) {
             tracing::warn!(error = %e.message(), "cannot fetch from the store remote; going on with the local store");
@@ -747,8 +834,32 @@ impl Store {
             return Ok(true); // remote branch does not exist yet
         };
         let ours = match repo.head() {
-            Ok(h) => h.peel_to_commit()?.id(),
-            Err(_) => {
+            Ok(h) => Some(h.peel_to_commit()?.id()),
+            Err(_) => None,
+        };
+        if let Some(ours) = ours {
+            if ours == theirs || repo.graph_descendant_of(ours, theirs)? {
+                self.clear_refusal()?;
+                return Ok(true);
+            }
+        }
+        match self.trusted_signers()? {
+            Some(allowed) => {
+                if let Some((commit, reason)) = refuse_incoming(&repo, ours, theirs, &allowed)? {
+                    return Err(self.refuse(commit, theirs, reason));
+                }
+            }
+            None => {
+                if let Some(ours) = ours {
+                    if !repo.graph_descendant_of(theirs, ours)? {
+                        return Err(Error::Diverged(self.cfg.path.clone()));
+                    }
+                }
+            }
+        }
+        match ours {
+            None => {
+                // A second instance joining a shared remote starts from its history.
                 repo.reference(
                     &format!("refs/heads/{b}"),
                     theirs,
@@ -757,19 +868,92 @@ impl Store {
                 )?;
                 repo.set_head(&format!("refs/heads/{b}"))?;
                 repo.checkout_head(Some(git2::build::CheckoutBuilder::new().force()))?;
-                return Ok(true);
+                tracing::info!(commit = %theirs, "adopted the store remote's history");
             }
+            Some(_) => {
+                let target = repo.find_commit(theirs)?;
+                repo.reset(target.as_object(), git2::ResetType::Hard, None)?;
+                tracing::info!(commit = %theirs, "fast-forwarded the store to the remote");
+            }
+        }
+        self.clear_refusal()?;
+        Ok(true)
+    }
+
+    /// The keys whose commits this clone adopts from the remote: `store.allowed_signers`
+    /// plus this instance's own signing key (trusted whether or not the file lists it:
+    /// the rotator vouches for its own commits). None when neither is configured:
+    /// the remote is then trusted blindly. The file is read at every call, so an edit
+    /// takes effect at the next sync.
+    pub fn trusted_signers(&self) -> Result<Option<AllowedSigners>, Error> {
+        let mut allowed = match &self.cfg.allowed_signers {
+            Some(p) => Some(AllowedSigners::from_file(p)?),
+            None => None,
         };
-        if ours == theirs || repo.graph_descendant_of(ours, theirs)? {
-            return Ok(true);
+        if let Some(s) = &self.signer {
+            let own = AllowedSigners::parse(&format!(
+                "{} {}\n",
+                self.cfg.author_email,
+                s.public_key_openssh()
+            ))?;
+            match &mut allowed {
+                Some(a) => a.extend(own),
+                None => allowed = Some(own),
+            }
         }
-        if repo.graph_descendant_of(theirs, ours)? {
-            let target = repo.find_commit(theirs)?;
-            repo.reset(target.as_object(), git2::ResetType::Hard, None)?;
-            tracing::info!(commit = %theirs, "fast-forwarded the store to the remote");
-            return Ok(true);
+        Ok(allowed)
+    }
+
+    /// Logs and records a refusal; returns the error the sync fails with.
+    fn refuse(&self, commit: Oid, theirs: Oid, reason: String) -> Error {
+        let remote = self.cfg.remote.clone().unwrap_or_default();
+        tracing::error!(
+            commit = %commit,
+            remote = %remote,
+            reason = %reason,
+            "refused to adopt a commit from the store remote; keeping the local store"
+        );
+        let refusal = Refusal {
+            commit: commit.to_string(),
+            remote_tip: theirs.to_string(),
+            reason: reason.clone(),
+            time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        };
+        let path = self.refusal_path();
+        match serde_json::to_vec_pretty(&refusal) {
+            Ok(bytes) => {
+                if let Err(e) = fsutil::write_atomic(&path, &bytes, 0o600) {
+                    tracing::warn!(error = %e, "cannot record the refusal for `rotd status`");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot record the refusal for `rotd status`"),
         }
-        Err(Error::Diverged(self.cfg.path.clone()))
+        Error::RemoteRefused(Box::new(Refused {
+            commit: commit.to_string(),
+            remote,
+            reason,
+            path: self.cfg.path.clone(),
+            branch: self.cfg.branch.clone(),
+        }))
+    }
+
+    fn refusal_path(&self) -> PathBuf {
+        self.cfg.path.join(".git").join(REFUSAL_FILE)
+    }
+
+    fn clear_refusal(&self) -> Result<(), Error> {
+        let path = self.refusal_path();
+        if path.exists() {
+            fsutil::remove_durable(&path)?;
+            tracing::info!("the store remote is trusted again: the earlier refusal is cleared");
+        }
+        Ok(())
+    }
+
+    /// The last refusal of the remote's state, while it stands (for `status`).
+    pub fn remote_refused(&self) -> Option<Refusal> {
+        let bytes = fsutil::read_optional(&self.refusal_path()).ok()??;
+        serde_json::from_slice(&bytes).ok()
     }
 
     /// Commits on the branch that the remote-tracking branch does not have.
@@ -790,6 +974,41 @@ impl Store {
             }
         }
     }
+}
+
+/// Why the remote's tip `theirs` may not be adopted over `ours` (None: unborn HEAD),
+/// as (the commit to name, the reason); None when it may. It must be a fast-forward,
+/// and every commit it adds must carry a good signature of an `allowed` key.
+fn refuse_incoming(
+    repo: &Repository,
+    ours: Option<Oid>,
+    theirs: Oid,
+    allowed: &AllowedSigners,
+) -> Result<Option<(Oid, String)>, Error> {
+    if let Some(ours) = ours {
+        if !repo.graph_descendant_of(theirs, ours)? {
+            return Ok(Some((
+                theirs,
+                format!("it is not a fast-forward of the local HEAD {ours}: the remote branch was rewritten (a forced push)"),
+            )));
+        }
+    }
+    let mut walk = repo.revwalk()?;
+    walk.set_sorting(git2::Sort::TOPOLOGICAL | git2::Sort::REVERSE)?;
+    walk.push(theirs)?;
+    if let Some(ours) = ours {
+        walk.hide(ours)?;
+    }
+    for oid in walk {
+        let oid = oid?;
+        let reason = match signing::verify_commit(repo, oid, allowed) {
+            Ok(Some(_)) => continue,
+            Ok(None) => "it is not signed".to_owned(),
+            Err(e) => format!("its signature is not accepted: {e}"),
+        };
+        return Ok(Some((oid, reason)));
+    }
+    Ok(None)
 }
 
 fn load_signer(cfg: &config::Store) -> Result<Option<Arc<Signer>>, Error> {
@@ -833,6 +1052,9 @@ fn create_private_dir(dir: &Path) -> Result<(), Error> {
 #[derive(Debug, Default)]
 pub struct InitReport {
     pub identity_created: Option<String>,
+    /// The public key of a signing key `init` created.
+    pub signing_key_created: Option<String>,
+    pub allowed_signers_created: bool,
     pub repo_created: bool,
     pub committed: bool,
     pub push: Option<Push>,
@@ -841,6 +1063,67 @@ pub struct InitReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn key(dir: &Path, name: &str) -> Signer {
+        let (text, _) = Signer::generate(name).unwrap();
+        let path = dir.join(name);
+        fsutil::write_atomic(&path, text.as_bytes(), 0o600).unwrap();
+        Signer::from_file(&path).unwrap()
+    }
+
+    fn commit(repo: &Repository, parent: Option<Oid>, signer: Option<&Signer>) -> Oid {
+        let sig = Signature::now("rotd", "rotd@localhost").unwrap();
+        let tree = repo
+            .find_tree(repo.treebuilder(None).unwrap().write().unwrap())
+            .unwrap();
+        let parent = parent.map(|p| repo.find_commit(p).unwrap());
+        let parents: Vec<&git2::Commit> = parent.iter().collect();
+        signing::commit(repo, None, &sig, &sig, "c", &tree, &parents, signer).unwrap()
+    }
+
+    #[test]
+    fn only_signed_fast_forwards_are_adopted() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init(dir.path().join("r")).unwrap();
+        let ours_key = key(dir.path(), "ours");
+        let stranger = key(dir.path(), "stranger");
+        let allowed = AllowedSigners::parse(&format!(
+            "rotd@localhost {}\n",
+            ours_key.public_key_openssh()
+        ))
+        .unwrap();
+        let root = commit(&repo, None, Some(&ours_key));
+        let good = commit(&repo, Some(root), Some(&ours_key));
+        assert!(refuse_incoming(&repo, Some(root), good, &allowed)
+            .unwrap()
+            .is_none());
+        assert!(refuse_incoming(&repo, None, good, &allowed)
+            .unwrap()
+            .is_none());
+
+        // The first bad commit is named, even under a good one.
+        let unsigned = commit(&repo, Some(good), None);
+        let on_top = commit(&repo, Some(unsigned), Some(&ours_key));
+        let (c, why) = refuse_incoming(&repo, Some(good), on_top, &allowed)
+            .unwrap()
+            .unwrap();
+        assert_eq!((c, why.as_str()), (unsigned, "it is not signed"));
+
+        let foreign = commit(&repo, Some(good), Some(&stranger));
+        let (c, why) = refuse_incoming(&repo, Some(good), foreign, &allowed)
+            .unwrap()
+            .unwrap();
+        assert_eq!(c, foreign);
+        assert!(why.contains("not in the allowed signers"), "{why}");
+
+        // A signed fork that does not contain HEAD is a rewritten history.
+        let fork = commit(&repo, Some(root), Some(&ours_key));
+        let (c, why) = refuse_incoming(&repo, Some(good), fork, &allowed)
+            .unwrap()
+            .unwrap();
+        assert_eq!(c, fork);
+        assert!(why.contains("not a fast-forward"), "{why}");
+    }
 
     #[test]
     fn local_remotes_are_told_from_network_ones() {
