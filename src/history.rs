@@ -95,15 +95,8 @@ pub fn read(store: &Store, secret: Option<&str>) -> Result<Vec<Entry>, store::Er
     for oid in walk {
         let oid = oid?;
         let commit = repo.find_commit(oid)?;
-        let msg = commit.message().unwrap_or("");
-        let mut trailers = BTreeMap::new();
-        if let Ok(t) = git2::message_trailers_strs(msg) {
-            for (k, v) in t.iter() {
-                if k.starts_with("Rotd-") {
-                    trailers.insert(k.to_owned(), v.to_owned());
-                }
-            }
-        }
+        // The same parser as `verify`'s, which the trailers fuzz target exercises.
+        let trailers = crate::audit::trailers(commit.message().unwrap_or(""));
         if trailers.is_empty() {
             continue;
         }

@@ -1,7 +1,9 @@
 //! A stable-Rust stand-in for the cargo-fuzz targets in `fuzz/`: the committed seed
 //! corpus and 10,000 random mutations of it go through each parser (a schedule file,
 //! the Prometheus web config, a store record, an Elasticsearch response body, the
-//! Prometheus query answer). None may panic or break a property of `fuzz/harness.rs`
+//! Prometheus query answer, the control socket's two sides, allowed signers and
+//! signatures, recipient and identity lines, commit trailers, the web-config
+//! rewrite, the scheduler's next run). None may panic or break a property of `fuzz/harness.rs`
 //! (shared with the fuzz targets), and each input must be handled quickly. For the
 //! coverage-guided runs see fuzz/README.md.
 
@@ -43,6 +45,10 @@ const TOKENS: &[&str] = &[
     "true", "false", "[]", "{}", "\\u0000", "\\ud800", "1e400", "-0", "18446744073709551616",
     "\"api_keys\":[", "\"id\":", "\"invalidated\":", "\"error\":{", "\"error_count\":",
     "\"status\":\"success\"", "\"result\":[", "[[[[[[[[[[[[[[[[", "{\"a\":{\"a\":{\"a\":",
+    "{\"cmd\":\"rotate\",\"names\":[", "\"ok\":", "\"results\":[", "\"last_rotation\":{\"time\":",
+    "Rotd-", "Rotd-Step: ", ": ", "\\n", "-----BEGIN SSH SIGNATURE-----", "namespaces=\"", "valid-after=\"",
+    "cert-authority", "ssh-ed25519 ", "age1", "AGE-SECRET-KEY-PLACEHOLDER", "jitter = \"", "window = \"",
+    "retries = ", "max_age = \"", "10000000000y", "L", "W", "#", "?",
 ];
 
 fn corpus(kind: &str) -> Vec<Vec<u8>> {
@@ -151,4 +157,39 @@ fn elasticsearch_response_decisions_never_panic() {
 #[test]
 fn prometheus_query_answer_never_panics() {
     run("prom_query", 0x5EED_0005, harness::prom_query);
+}
+
+#[test]
+fn control_socket_lines_never_panic_and_requests_round_trip() {
+    run("control", 0x5EED_0006, harness::control);
+}
+
+#[test]
+fn allowed_signers_and_signatures_never_panic() {
+    run("allowed_signers", 0x5EED_0007, harness::allowed_signers);
+}
+
+#[test]
+fn recipient_and_identity_lines_never_panic_and_round_trip() {
+    run("recipients", 0x5EED_0008, harness::recipients);
+    harness::remove_scratch();
+}
+
+#[test]
+fn commit_trailers_never_panic_and_read_back_as_written() {
+    run("trailers", 0x5EED_0009, harness::trailers);
+}
+
+#[test]
+fn web_config_rewrite_keeps_foreign_lines_and_holds_the_intended_users() {
+    run(
+        "web_config_rewrite",
+        0x5EED_000A,
+        harness::web_config_rewrite,
+    );
+}
+
+#[test]
+fn next_run_never_panics_on_a_checked_schedule() {
+    run("next_run", 0x5EED_000B, harness::next_run);
 }
