@@ -656,7 +656,16 @@ impl Config {
                 .attempt(client, &method, path, admin, Some(body))
                 .await?
             {
-                Attempt::Answer(status, v) if (200..300).contains(&status) => return Ok(v),
+                Attempt::Answer(status, v) if (200..300).contains(&status) => {
+                    if attempt > 0 {
+                        // A create that was still under way during the lookup may
+                        // have finished since: keep only the key answered here.
+                        let keep = created_key(&v).map(|c| c.id.to_owned());
+                        self.invalidate_named(client, admin, name, keep.as_deref())
+                            .await?;
+                    }
+                    return Ok(v);
+                }
                 Attempt::Answer(status, v) if retryable(status) => {
                     last = describe_error(&method, path, status, &v);
                 }
@@ -671,7 +680,7 @@ impl Config {
                 Attempt::Failed { error, sent: true } => last = error,
             }
             tracing::debug!(attempt, reason = %last, key_name = name, "creating the API key failed after it may have been made; invalidating any key of its name before trying again");
-            let found = self.invalidate_named(client, admin, name).await.map_err(|e| {
+            let found = self.invalidate_named(client, admin, name, None).await.map_err(|e| {
                 Error::Es(format!(
                     "{last}; the key may have been made, and looking it up by its name {name} failed: {e}"
                 ))
@@ -683,12 +692,14 @@ impl Config {
         Err(Error::Es(last))
     }
 
-    /// Invalidates every live key named `name` (found with `GET ?name=`); their ids.
+    /// Invalidates every live key named `name` (found with `GET ?name=`) but
+    /// `except`; their ids.
     async fn invalidate_named(
         &self,
         client: &reqwest::Client,
         admin: &Auth,
         name: &str,
+        except: Option<&str>,
     ) -> Result<Vec<String>, Error> {
         let v = self
             .conn
@@ -702,6 +713,7 @@ impl Config {
             .await?;
         let ids: Vec<String> = live_keys_named(&v, name)
             .into_iter()
+            .filter(|id| Some(*id) != except)
             .map(str::to_owned)
             .collect();
         if !ids.is_empty() {
