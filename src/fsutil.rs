@@ -116,7 +116,7 @@ pub enum Error {
     NotRegular { path: PathBuf, kind: Kind },
     #[error("{path} is larger than {max} bytes, more than such a file ever needs; check that the path names the right file")]
     TooLarge { path: PathBuf, max: u64 },
-    #[error("{path} is owned by {owner}, not by {me} that rotd runs as; a key file must be its own: run `chown {me} {path}`")]
+    #[error("{path} is owned by {owner}, not by {me} that rotd runs as, and whoever owns a key file can replace it: run rotd as {owner} (e.g. `runuser -u {owner} -- rotd …`), or `chown {me} {path}`")]
     NotOwner {
         path: PathBuf,
         owner: String,
