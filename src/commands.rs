@@ -53,9 +53,11 @@ impl Error {
             Error::Store(store::Error::NotInitialised(_))
             | Error::Store(store::Error::Crypto(_))
             | Error::Store(store::Error::Signing(_))
-            | Error::Store(store::Error::File(crate::fsutil::Error::TooOpen { .. })) => {
-                exit::CONFIG
-            }
+            | Error::Store(store::Error::File(
+                crate::fsutil::Error::TooOpen { .. }
+                | crate::fsutil::Error::NotOwner { .. }
+                | crate::fsutil::Error::NotRegular { .. },
+            )) => exit::CONFIG,
             Error::Run(crate::daemon::Error::Config(_)) => exit::CONFIG,
             Error::Rotation(rotation::Error::UnknownSecret(_)) | Error::Usage(_) => exit::USAGE,
             _ => exit::ROLLED_BACK,
@@ -614,7 +616,11 @@ fn import(
         })?;
     }
     let mut buf = zeroize::Zeroizing::new(String::new());
-    std::io::stdin().read_to_string(&mut buf)?;
+    // One line is all import takes: a bounded read, so a runaway pipe is refused
+    // instead of buffered.
+    std::io::stdin()
+        .take(crate::validate::MAX_SECRET as u64 + 2)
+        .read_to_string(&mut buf)?;
     let value = buf.strip_suffix('\n').unwrap_or(&buf);
     let value = value.strip_suffix('\r').unwrap_or(value);
     crate::validate::secret_line(value).map_err(|m| {

@@ -372,7 +372,7 @@ pub fn load_for_init(path: &Path) -> Result<Config, Error> {
 
 fn load_with(path: &Path, with_schedules: bool, for_init: bool) -> Result<Config, Error> {
     let mut problems = Vec::new();
-    let text = match std::fs::read_to_string(path) {
+    let text = match crate::fsutil::read_text(path, crate::fsutil::MAX_LIST_FILE) {
         Ok(t) => t,
         Err(e) => {
             return Err(Error(vec![Problem {
@@ -558,7 +558,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// Loads one schedule file; problems go to `problems`.
 pub fn load_schedule(file: &Path, problems: &mut Vec<Problem>) -> Option<Schedule> {
-    let text = match std::fs::read_to_string(file) {
+    let text = match crate::fsutil::read_text(file, crate::fsutil::MAX_LIST_FILE) {
         Ok(t) => t,
         Err(e) => {
             problems.push(Problem {

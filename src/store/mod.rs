@@ -636,12 +636,14 @@ impl Store {
             }
             if allowed.contains(git2::CredentialType::USER_PASS_PLAINTEXT) {
                 if let Some(t) = &token_file {
-                    let token = std::fs::read_to_string(t).map_err(|e| {
-                        git2::Error::from_str(&format!(
-                            "cannot read remote_token_file {}: {e}",
-                            t.display()
-                        ))
-                    })?;
+                    let token = fsutil::read_text(t, fsutil::MAX_KEY_FILE)
+                        .map(zeroize::Zeroizing::new)
+                        .map_err(|e| {
+                            git2::Error::from_str(&format!(
+                                "cannot read remote_token_file {}: {e}",
+                                t.display()
+                            ))
+                        })?;
                     return git2::Cred::userpass_plaintext(
                         username.unwrap_or("rotd"),
                         token.trim(),

@@ -139,9 +139,9 @@ fn load_identity(
     cert: &std::path::Path,
     key: &std::path::Path,
 ) -> Result<reqwest::Identity, String> {
-    let c = std::fs::read(cert)
+    let c = crate::fsutil::read_capped(cert, crate::fsutil::MAX_KEY_FILE)
         .map_err(|e| format!("target.client_cert {} cannot be read: {e}", cert.display()))?;
-    let k = std::fs::read(key)
+    let k = crate::fsutil::read_capped(key, crate::fsutil::MAX_KEY_FILE)
         .map_err(|e| format!("target.client_key {} cannot be read: {e}", key.display()))?;
     if !String::from_utf8_lossy(&c).contains("-----BEGIN CERTIFICATE-----") {
         return Err(format!(
@@ -215,7 +215,7 @@ impl Connection {
         let plain_http = url.as_deref().is_some_and(|u| u.starts_with("http://"));
         let ca = t.ca().map(|c| {
             let p = rep.resolve(c.get_ref());
-            match std::fs::read(&p) {
+            match crate::fsutil::read_capped(&p, crate::fsutil::MAX_LIST_FILE) {
                 Ok(pem) => {
                     if reqwest::Certificate::from_pem(&pem).is_err() {
                         rep.at(c, format!("target.ca {} is not a PEM certificate; give the CA that signed the cluster's HTTP certificate (e.g. config/certs/http_ca.crt)", p.display()));
@@ -295,7 +295,7 @@ impl Connection {
     pub(crate) fn client(&self) -> Result<reqwest::Client, Error> {
         let mut b = crate::http::builder(self.timeout);
         if let Some(ca) = &self.ca {
-            let pem = std::fs::read(ca)
+            let pem = crate::fsutil::read_capped(ca, crate::fsutil::MAX_LIST_FILE)
                 .map_err(|e| Error::Es(format!("cannot read the CA file {}: {e}", ca.display())))?;
             let cert = reqwest::Certificate::from_pem(&pem)
                 .map_err(|e| Error::Es(format!("CA file {}: {e}", ca.display())))?;

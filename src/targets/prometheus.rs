@@ -264,10 +264,13 @@ impl Config {
                     break;
                 }
                 Ok(r) => {
-                    last = format!(
-                        "remote write to {write_url} answered HTTP {}",
-                        r.status().as_u16()
-                    )
+                    last = match crate::http::redirect_refused(&r) {
+                        Some(why) => format!("remote write to {write_url} {why}"),
+                        None => format!(
+                            "remote write to {write_url} answered HTTP {}",
+                            r.status().as_u16()
+                        ),
+                    }
                 }
                 Err(e) => last = format!("remote write to {write_url}: {}", http_error(&e)),
             }
@@ -313,16 +316,22 @@ impl Config {
                         Ok(Ok(false)) => {
                             last = format!("the probe sample is not (yet) visible in {query_url}")
                         }
-                        Ok(Err(e)) => last = format!("query answer is not Prometheus JSON: {e}"),
-                        Err(e) => last = format!("query answer is not Prometheus JSON: {e}"),
+                        // The parser's words may quote the peer's body: scrubbed and cut.
+                        Ok(Err(e)) | Err(e) => {
+                            last = format!(
+                                "query answer is not Prometheus JSON: {}",
+                                crate::redact::peer_text(&e.to_string(), 300)
+                            )
+                        }
                     }
                 }
-                Ok(r) => {
-                    last = format!(
+                Ok(r) => last = match crate::http::redirect_refused(&r) {
+                    Some(why) => format!("query {query_url} {why}"),
+                    None => format!(
                         "query {query_url} answered HTTP {} (query credential user {query_user})",
                         r.status().as_u16()
-                    )
-                }
+                    ),
+                },
                 Err(e) => last = format!("query {query_url}: {}", http_error(&e)),
             }
             tracing::debug!(attempt, reason = %last, "query probe attempt failed");
