@@ -5,7 +5,11 @@
 
 mod util;
 
+#[path = "security/daemon.rs"]
 mod daemon;
+#[path = "security/files.rs"]
 mod files;
+#[path = "security/peers.rs"]
 mod peers;
+#[path = "security/remote.rs"]
 mod remote;
