@@ -529,6 +529,9 @@ fn check(path: &Path, out: &mut impl Write) -> Result<i32, Error> {
             s.cron.as_deref().unwrap_or("manual only")
         )?;
     }
+    for w in cfg.schedules.iter().flat_map(|s| &s.warnings) {
+        writeln!(out, "warning: {w}")?;
+    }
     Ok(exit::OK)
 }
 

@@ -131,6 +131,8 @@ pub struct Schedule {
     pub target: targets::Config,
     pub deliver: Vec<deliver::Spec>,
     pub probe: Probe,
+    /// What `rotd check` and the daemon warn about but accept (file:line each).
+    pub warnings: Vec<Problem>,
 }
 
 /// `[probe]` settings shared by every target.
@@ -203,7 +205,7 @@ struct RawSchedule {
     grace: Option<Spanned<String>>,
     window: Option<Spanned<String>>,
     max_age: Option<Spanned<String>>,
-    retries: Option<u32>,
+    retries: Option<Spanned<u32>>,
     retry_backoff: Option<Spanned<String>>,
     #[serde(default)]
     generate: RawGenerate,
@@ -279,7 +281,7 @@ struct RawReload {
 #[serde(deny_unknown_fields)]
 struct RawProbe {
     timeout: Option<Spanned<String>>,
-    attempts: Option<u32>,
+    attempts: Option<Spanned<u32>>,
     interval: Option<Spanned<String>>,
     http: Option<RawHttpProbe>,
     index: Option<String>,
@@ -495,10 +497,8 @@ fn load_with(path: &Path, with_schedules: bool, for_init: bool) -> Result<Config
         allowed_uids: raw.daemon.allowed_uids.clone(),
         shutdown_grace: match &raw.daemon.shutdown_grace {
             None => Duration::from_secs(60),
-            Some(g) => parse_duration(g.get_ref()).unwrap_or_else(|m| {
-                rep.at(g, format!("daemon.shutdown_grace: {m}"));
-                Duration::from_secs(60)
-            }),
+            Some(g) => bounded(g, "daemon.shutdown_grace", bounds::SHUTDOWN_GRACE, &mut rep)
+                .unwrap_or(Duration::from_secs(60)),
         },
     };
     let mut schedules = Vec::new();
@@ -549,11 +549,91 @@ pub fn valid_name(name: &str) -> bool {
         && !name.ends_with(".pending")
 }
 
-/// Parses a duration such as `15m`, `1h 30m`, `0s`.
+/// Parses a duration such as `15m`, `1h 30m`, `0s`; at most [`bounds::ANY`].
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim()).map_err(|e| {
+    let d = humantime::parse_duration(s.trim()).map_err(|e| {
         format!("{s:?} is not a duration ({e}); write it like \"90s\", \"15m\" or \"1h 30m\"")
-    })
+    })?;
+    if d > bounds::ANY.0 {
+        return Err(format!(
+            "{s:?} is longer than {}, the longest duration rotd accepts",
+            bounds::ANY.1
+        ));
+    }
+    Ok(d)
+}
+
+/// Upper bounds of the durations in the configuration (value, and how it is written
+/// in errors and the README). Every time rotd computes from a configured duration
+/// (the next run, a retire-after, an expiry) then stays far inside the calendar's
+/// range, so the scheduler cannot overflow; and each bound is well past any sensible
+/// setting, so it only catches mistakes and hostile files.
+pub mod bounds {
+    use std::time::Duration;
+
+    const DAY: u64 = 86_400;
+
+    /// Any duration (e.g. an Elasticsearch key's `expiration`, `max_age`): ten years
+    /// of 365.25 days, so `"10y"` is accepted.
+    pub const ANY: (Duration, &str) = (Duration::from_secs(3_652 * DAY + 12 * 3_600), "10y");
+    /// A random delay spreads rotations over minutes or hours, not days.
+    pub const JITTER: (Duration, &str) = (Duration::from_secs(DAY), "24h");
+    /// How long the previous credential stays valid.
+    pub const GRACE: (Duration, &str) = (Duration::from_secs(365 * DAY), "365d");
+    /// The first pause between retries (later ones double, capped at 1 h).
+    pub const RETRY_BACKOFF: (Duration, &str) = (Duration::from_secs(DAY), "24h");
+    /// One probe request.
+    pub const PROBE_TIMEOUT: (Duration, &str) = (Duration::from_secs(600), "10m");
+    /// The pause between probe attempts.
+    pub const PROBE_INTERVAL: (Duration, &str) = (Duration::from_secs(3_600), "1h");
+    /// How long SIGTERM waits for rotations in flight.
+    pub const SHUTDOWN_GRACE: (Duration, &str) = (Duration::from_secs(3_600), "1h");
+    /// Scheduled attempts after a failure.
+    pub const RETRIES: u32 = 100;
+    /// Probe attempts (each up to `timeout` + `interval`, the secret's lock held).
+    pub const PROBE_ATTEMPTS: u32 = 1_000;
+}
+
+/// Parses the duration at `v` and checks it against `bound`; a problem (file:line)
+/// otherwise.
+fn bounded(
+    v: &Spanned<String>,
+    what: &str,
+    bound: (Duration, &str),
+    rep: &mut Reporter<'_>,
+) -> Option<Duration> {
+    match parse_duration(v.get_ref()) {
+        Ok(d) if d <= bound.0 => Some(d),
+        Ok(_) => {
+            rep.at(
+                v,
+                format!(
+                    "{what} = {:?} is longer than its limit of {}; use at most {}",
+                    v.get_ref(),
+                    bound.1,
+                    bound.1
+                ),
+            );
+            None
+        }
+        Err(m) => {
+            rep.at(v, format!("{what}: {m}"));
+            None
+        }
+    }
+}
+
+/// A count at `v` checked against its upper bound.
+fn bounded_count(v: &Spanned<u32>, what: &str, max: u32, rep: &mut Reporter<'_>) -> Option<u32> {
+    if *v.get_ref() <= max {
+        Some(*v.get_ref())
+    } else {
+        rep.at(
+            v,
+            format!("{what} = {} is more than its limit of {max}", v.get_ref()),
+        );
+        None
+    }
 }
 
 /// Loads one schedule file; problems go to `problems`.
@@ -609,20 +689,32 @@ pub fn parse_schedule_str(
                 None
             }
         });
-    let mut dur = |v: &Option<Spanned<String>>, what: &str, default: Duration| match v {
+    let mut dur = |v: &Option<Spanned<String>>, what: &str, default: Duration, bound| match v {
         None => default,
-        Some(s) => parse_duration(s.get_ref()).unwrap_or_else(|m| {
-            rep.at(s, format!("{what}: {m}"));
-            default
-        }),
+        Some(s) => bounded(s, what, bound, &mut rep).unwrap_or(default),
     };
-    let jitter = dur(&raw.jitter, "jitter", Duration::ZERO);
-    let grace = dur(&raw.grace, "grace", Duration::from_secs(15 * 60));
-    let retry_backoff = dur(&raw.retry_backoff, "retry_backoff", Duration::from_secs(60));
+    let jitter = dur(&raw.jitter, "jitter", Duration::ZERO, bounds::JITTER);
+    let grace = dur(
+        &raw.grace,
+        "grace",
+        Duration::from_secs(15 * 60),
+        bounds::GRACE,
+    );
+    let retry_backoff = dur(
+        &raw.retry_backoff,
+        "retry_backoff",
+        Duration::from_secs(60),
+        bounds::RETRY_BACKOFF,
+    );
     let max_age = raw
         .max_age
         .as_ref()
-        .map(|_| dur(&raw.max_age, "max_age", Duration::ZERO));
+        .map(|_| dur(&raw.max_age, "max_age", Duration::ZERO, bounds::ANY));
+    let retries = raw
+        .retries
+        .as_ref()
+        .and_then(|r| bounded_count(r, "retries", bounds::RETRIES, &mut rep))
+        .unwrap_or(3);
     let window = raw
         .window
         .as_ref()
@@ -633,6 +725,19 @@ pub fn parse_schedule_str(
                 None
             }
         });
+    let mut warnings = Vec::new();
+    if let (Some(c), Some(w), Some(span)) = (&cron, &window, &raw.window) {
+        if !fires_in_window(c, w, chrono::Utc::now()) {
+            warnings.push(Problem {
+                file: file.to_owned(),
+                line: Some(rep.line_of(span.span().start)),
+                message: format!(
+                    "window = {:?} (UTC) never contains a time at which schedule = {c:?} fires, so every scheduled rotation would be skipped; move the window or the schedule",
+                    span.get_ref()
+                ),
+            });
+        }
+    }
     let length = match &raw.generate.length {
         None => 32,
         Some(l) if (16..=4096).contains(l.get_ref()) => *l.get_ref() as usize,
@@ -662,20 +767,33 @@ pub fn parse_schedule_str(
         Some(p) => {
             let span = p.span();
             let p = p.get_ref();
-            let mut d = |v: &Option<Spanned<String>>, what: &str, default: Duration| match v {
+            let mut d = |v: &Option<Spanned<String>>, what: &str, default: Duration, bound| match v
+            {
                 None => default,
-                Some(s) => parse_duration(s.get_ref()).unwrap_or_else(|m| {
-                    rep.at(s, format!("probe.{what}: {m}"));
-                    default
-                }),
+                Some(s) => bounded(s, what, bound, &mut rep).unwrap_or(default),
             };
-            let timeout = d(&p.timeout, "timeout", Duration::from_secs(10));
-            let interval = d(&p.interval, "interval", Duration::from_millis(500));
+            let timeout = d(
+                &p.timeout,
+                "probe.timeout",
+                Duration::from_secs(10),
+                bounds::PROBE_TIMEOUT,
+            );
+            let interval = d(
+                &p.interval,
+                "probe.interval",
+                Duration::from_millis(500),
+                bounds::PROBE_INTERVAL,
+            );
+            let attempts = p
+                .attempts
+                .as_ref()
+                .and_then(|a| bounded_count(a, "probe.attempts", bounds::PROBE_ATTEMPTS, &mut rep))
+                .unwrap_or(10);
             (
                 Probe {
                     timeout,
                     interval,
-                    attempts: p.attempts.unwrap_or(10).max(1),
+                    attempts: attempts.max(1),
                     http: p.http.as_ref().map(|h| HttpProbe {
                         url: h.url.clone(),
                         header: h.header.clone(),
@@ -708,13 +826,14 @@ pub fn parse_schedule_str(
         grace,
         window,
         max_age,
-        retries: raw.retries.unwrap_or(3),
+        retries,
         retry_backoff,
         length,
         charset,
         target: target?,
         deliver,
         probe,
+        warnings,
     })
 }
 
@@ -758,19 +877,58 @@ pub fn validate_cron(expr: &str) -> Result<(), String> {
             "schedule = {expr:?} has {fields} fields; rotd's cron has seconds first: \"sec min hour day month weekday\", e.g. \"0 0 3 * * Sun\""
         ));
     }
-    // croner takes 6 fields (with seconds); a 7th (year) field is accepted by the
-    // scheduler, checked here as "*" or a number range.
+    let cron = parse_cron(expr).map_err(|e| {
+        format!("schedule = {expr:?} is not a valid cron expression ({e}); e.g. \"0 0 3 * * Sun\"")
+    })?;
+    // A day that no month in the expression has (31 February), or a day and weekday
+    // that never meet: croner searches up to the year 5000 and gives up.
+    if cron
+        .find_next_occurrence(&chrono::Utc::now(), false)
+        .is_err()
+    {
+        return Err(format!(
+            "schedule = {expr:?} never fires: no date has that day of the month in those months (on that weekday); fix the day, month or weekday field"
+        ));
+    }
+    Ok(())
+}
+
+/// A cron expression as the scheduler reads it: croner takes 6 fields (with seconds);
+/// a 7th (year) field is accepted and ignored.
+fn parse_cron(expr: &str) -> Result<croner::Cron, croner::errors::CronError> {
     let six: Vec<&str> = expr.split_whitespace().take(6).collect();
     croner::Cron::new(&six.join(" "))
         .with_seconds_required()
         .with_dom_and_dow()
         .parse()
-        .map(|_| ())
-        .map_err(|e| {
-            format!(
-                "schedule = {expr:?} is not a valid cron expression ({e}); e.g. \"0 0 3 * * Sun\""
-            )
-        })
+}
+
+/// Whether the (valid) cron fires inside the daily window on one of the next 367
+/// days. Each day, the first fire time at or after the window opens is looked up.
+fn fires_in_window(expr: &str, w: &Window, from: chrono::DateTime<chrono::Utc>) -> bool {
+    let Ok(cron) = parse_cron(expr) else {
+        return true; // reported as invalid elsewhere
+    };
+    let day = chrono::TimeDelta::days(1);
+    let open = if w.start < w.end {
+        w.end - w.start
+    } else {
+        day - (w.start - w.end)
+    };
+    let mut date = from.date_naive();
+    for _ in 0..367 {
+        let start = date.and_time(w.start).and_utc();
+        if let Ok(t) = cron.find_next_occurrence(&start, true) {
+            if t < start + open {
+                return true;
+            }
+        }
+        match date.succ_opt() {
+            Some(d) => date = d,
+            None => return true,
+        }
+    }
+    false
 }
 
 fn validate_deliver(d: &Spanned<RawDeliver>, rep: &mut Reporter<'_>) -> Option<deliver::Spec> {
@@ -1023,6 +1181,78 @@ mod tests {
             .unwrap_err()
             .contains("seconds first"));
         assert!(validate_cron("0 0 25 * * *").is_err());
+    }
+
+    #[test]
+    fn a_cron_that_never_fires_is_refused() {
+        for never in ["0 0 0 31 2 *", "0 0 0 30 2 *", "0 0 0 31 4,6,9,11 *"] {
+            let e = validate_cron(never).unwrap_err();
+            assert!(e.contains("never fires"), "{never}: {e}");
+        }
+        // Rare is not never: 29 February, and 29 February on a Monday.
+        validate_cron("0 0 0 29 2 *").unwrap();
+        validate_cron("0 0 0 29 2 Mon").unwrap();
+    }
+
+    #[test]
+    fn a_window_is_checked_against_the_cron_fire_times() {
+        let now = chrono::Utc::now();
+        let w = Window::parse("02:00-05:00").unwrap();
+        assert!(fires_in_window("0 0 3 * * *", &w, now));
+        assert!(fires_in_window("0 59 4 * * *", &w, now));
+        assert!(!fires_in_window("0 0 5 * * *", &w, now));
+        assert!(!fires_in_window("0 0 12 * * *", &w, now));
+        // Wrapping midnight; and a weekly cron.
+        let w = Window::parse("22:00-01:00").unwrap();
+        assert!(fires_in_window("0 30 0 * * *", &w, now));
+        assert!(fires_in_window("0 0 23 * * Sun", &w, now));
+        assert!(!fires_in_window("0 0 1 * * *", &w, now));
+    }
+
+    #[test]
+    fn every_duration_has_an_upper_bound_reported_at_its_line() {
+        let file = Path::new("/nonexistent/s.toml");
+        for (line, field, value) in [
+            ("jitter = \"100000000y\"", "jitter", "100000000y"),
+            ("jitter = \"25h\"", "jitter", "25h"),
+            ("grace = \"366d\"", "grace", "366d"),
+            ("max_age = \"11y\"", "max_age", "11y"),
+            ("retry_backoff = \"25h\"", "retry_backoff", "25h"),
+            ("retries = 101", "retries", "101"),
+            ("[probe]\ntimeout = \"11m\"", "probe.timeout", "11m"),
+            ("[probe]\ninterval = \"2h\"", "probe.interval", "2h"),
+            ("[probe]\nattempts = 1001", "probe.attempts", "1001"),
+        ] {
+            let (head, probe) = match line.strip_prefix("[probe]\n") {
+                Some(p) => ("", format!("[probe]\n{p}\n")),
+                None => (line, String::new()),
+            };
+            let text = format!(
+                "name = \"s\"\nschedule = \"0 0 4 * * *\"\n{head}\n[target]\nkind = \"files\"\n{probe}"
+            );
+            let mut problems = Vec::new();
+            assert!(
+                parse_schedule_str(&text, file, &mut problems).is_none(),
+                "{line}"
+            );
+            let p = problems
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join("\n");
+            let want = if probe.is_empty() { 3 } else { 7 };
+            assert!(
+                p.contains(&format!("s.toml:{want}: {field}")) && p.contains(value),
+                "{line}: {p}"
+            );
+        }
+        // At the limits: accepted.
+        let text = "name = \"s\"\nschedule = \"0 0 4 * * *\"\njitter = \"24h\"\ngrace = \"365d\"\nmax_age = \"10y\"\nretries = 100\n[target]\nkind = \"files\"\n[probe]\ntimeout = \"10m\"\ninterval = \"1h\"\nattempts = 1000\n";
+        let mut problems = Vec::new();
+        assert!(
+            parse_schedule_str(text, file, &mut problems).is_some(),
+            "{problems:?}"
+        );
     }
 
     #[test]

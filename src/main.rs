@@ -1,11 +1,14 @@
-//! The `rotd` binary: parses the command line, sets up logging, and hands over to
-//! the library (`rotd::commands::run`). Exit codes are the contract's (DESIGN §2).
+//! The `rotd` binary: hardens the process, parses the command line, sets up logging,
+//! and hands over to the library (`rotd::commands::run`). Exit codes are the
+//! contract's (DESIGN §2).
 
 use clap::Parser;
 use rotd::cli::Cli;
 use rotd::commands::{self, exit};
 
 fn main() {
+    // First, before any secret is read: see `harden`.
+    let hardening = harden();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -26,6 +29,9 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if let Err(e) = hardening {
+        tracing::warn!(error = %e, "cannot make the process non-dumpable or turn off its core dumps; secrets in memory may reach a core file");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -65,4 +71,22 @@ fn describe(err: &anyhow::Error) -> String {
         }
     }
     text
+}
+
+/// Keeps the secrets in this process's memory out of core files and away from other
+/// processes of the same user: no core dump at all (`RLIMIT_CORE` 0, soft and hard),
+/// and not dumpable (`PR_SET_DUMPABLE` 0), which also makes `/proc/PID/mem`,
+/// `environ` and ptrace unavailable to anyone but root. A program rotd runs (an
+/// `exec` reload) is dumpable again after its `execve`.
+///
+/// Not done: `mlock` of key material. The secrets live in buffers of age, bcrypt,
+/// rustls and serde that rotd does not allocate, so locking only its own copies would
+/// be a promise it cannot keep, and `mlockall` would run into `RLIMIT_MEMLOCK` (8 MiB
+/// by default) in a daemon that also runs git. Use encrypted (or no) swap; rotd's own
+/// secret buffers are zeroized when dropped.
+fn harden() -> anyhow::Result<()> {
+    use nix::sys::resource::{setrlimit, Resource};
+    setrlimit(Resource::RLIMIT_CORE, 0, 0)?;
+    nix::sys::prctl::set_dumpable(false)?;
+    Ok(())
 }

@@ -17,7 +17,10 @@
 //! The socket is created with mode 0660 (group from `[daemon] socket_group`). Every
 //! connection's peer credentials (SO_PEERCRED) are logged and go into the commit
 //! trailer `Rotd-Trigger: manual uid=… user=…`; uids other than root, the daemon's
-//! own and `[daemon] allowed_uids` are refused.
+//! own and `[daemon] allowed_uids` are refused as they connect, before a byte of
+//! theirs is read. A request line is at most 64 KiB and must arrive within 10 s; at
+//! most 64 clients are served at once (the bounds are in `daemon::limits`). The client
+//! here reads at most [`MAX_ANSWER`] bytes of an answer.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream as StdUnixStream;
@@ -88,6 +91,10 @@ pub enum ClientError {
     Protocol(String, String),
 }
 
+/// The longest answer the client reads (a `status` of a thousand secrets is well
+/// under 1 MiB); whatever listens on the socket path cannot make it read without end.
+pub const MAX_ANSWER: u64 = 16 * 1024 * 1024;
+
 /// Sends one request. `Ok(None)` when no daemon listens there (no socket, or a stale
 /// one), so the caller runs in-process.
 pub fn request(
@@ -119,7 +126,9 @@ pub fn request(
         .and_then(|_| w.write_all(b"\n"))
         .map_err(io)?;
     let mut answer = String::new();
-    BufReader::new(stream).read_line(&mut answer).map_err(io)?;
+    BufReader::new(std::io::Read::take(stream, MAX_ANSWER))
+        .read_line(&mut answer)
+        .map_err(io)?;
     serde_json::from_str(&answer)
         .map(Some)
         .map_err(|e| ClientError::Protocol(socket.display().to_string(), e.to_string()))

@@ -3,6 +3,11 @@
 //! A deliberately small HTTP/1.1 responder on a tokio `TcpListener`: one request per
 //! connection, headers bounded to 8 KiB and read within 5 s, `Connection: close`.
 //! That is all a Prometheus scrape needs, without a web framework in the daemon.
+//!
+//! At most [`limits::MAX_CONNECTIONS`] requests are served at once: a connection
+//! beyond that gets `503` and is closed, so a flood of idle connections holds a
+//! bounded number of descriptors for at most the read timeout, and `/healthz` answers
+//! again as soon as it has passed. A failed accept (`EMFILE`) pauses the loop.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -11,6 +16,12 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use super::limits::{self, AcceptBackoff, Throttle};
+
+/// The whole exchange (read, render, write) of one connection.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves until the listener fails; `render` produces the metrics page.
 pub async fn serve<F, Fut>(listener: TcpListener, render: F)
@@ -19,19 +30,40 @@ where
     Fut: Future<Output = String> + Send,
 {
     let render = Arc::new(render);
+    let slots = Arc::new(Semaphore::new(limits::MAX_CONNECTIONS));
+    let mut backoff = AcceptBackoff::new("metrics");
+    let mut full = Throttle::new(Duration::from_secs(10));
     loop {
         let (mut sock, peer) = match listener.accept().await {
-            Ok(x) => x,
+            Ok(x) => {
+                backoff.succeeded();
+                x
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "metrics listener accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                backoff.failed(&e).await;
                 continue;
             }
         };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            if let Some(held_back) = full.allow() {
+                tracing::warn!(%peer, limit = limits::MAX_CONNECTIONS, turned_away_not_logged = held_back,
+                    "metrics port: every connection slot is taken; turning new connections away");
+            }
+            // Best effort, never waits: the socket buffer of a new connection is empty.
+            let _ = sock.try_write(
+                b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+            continue;
+        };
         let render = render.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(&mut sock, peer, render.as_ref()).await {
-                tracing::debug!(%peer, error = %e, "metrics request failed");
+            let _permit = permit;
+            match tokio::time::timeout(EXCHANGE_TIMEOUT, handle(&mut sock, peer, render.as_ref()))
+                .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "metrics request failed"),
+                Err(_) => tracing::debug!(%peer, "metrics client too slow; closed"),
             }
         });
     }

@@ -17,6 +17,11 @@
 //! secrets rotate in parallel). Between processes, the per-secret `flock` and the
 //! store's push CAS still apply.
 //!
+//! Local clients are not trusted to be polite: the socket refuses a uid before reading
+//! from it, and both listeners bound connections, request size and idle time, and
+//! pause on `EMFILE` ([`limits`]). Every rotation ends with a log line here, so that
+//! an engine error is never seen only by a client that has gone.
+//!
 //! Shutdown: the `shutdown` future (SIGTERM/SIGINT in `main`) stops new rotations and
 //! waits for in-flight ones, bounded by `[daemon] shutdown_grace`; a rotation never
 //! stops half-way on its own, and a hard kill is covered by the journal (recovery at
@@ -24,6 +29,7 @@
 
 pub mod control;
 pub mod http;
+pub mod limits;
 pub mod scheduler;
 pub mod systemd;
 
@@ -164,13 +170,29 @@ impl Shared {
         let started = Instant::now();
         let result = self
             .engine()
-            .rotate(&name, trigger)
+            .rotate(&name, trigger.clone())
             .await
             .map_err(|e| e.to_string());
         let label = match &result {
             Ok(o) => o.label(),
             Err(_) => "error",
         };
+        // Every outcome leaves a line in the daemon's log, whoever asked for the
+        // rotation: an engine error otherwise reached only a client that may be gone.
+        match &result {
+            Ok(o @ (Outcome::Succeeded { .. } | Outcome::Updated { .. })) => {
+                tracing::info!(secret = %name, %trigger, outcome = o.label(), message = %o.message(), "rotation ended")
+            }
+            Ok(o @ (Outcome::RolledBack { .. } | Outcome::Aborted { .. })) => {
+                tracing::warn!(secret = %name, %trigger, outcome = o.label(), message = %o.message(), "rotation ended")
+            }
+            Ok(o @ Outcome::Failed { .. }) => {
+                tracing::error!(secret = %name, %trigger, outcome = o.label(), message = %o.message(), "rotation ended")
+            }
+            Err(e) => {
+                tracing::error!(secret = %name, %trigger, error = %e, "rotation could not run")
+            }
+        }
         self.metrics
             .rotation(&name, label, started.elapsed().as_secs_f64());
         if matches!(result, Ok(Outcome::Succeeded { retired: false, .. })) {
@@ -307,7 +329,12 @@ fn load_schedules(dir: &Path, previous: &[Schedule]) -> (Vec<Schedule>, Vec<Prob
     for f in files {
         let mut p = Vec::new();
         match config::load_schedule(&f, &mut p) {
-            Some(s) if p.is_empty() => out.push(s),
+            Some(s) if p.is_empty() => {
+                for w in &s.warnings {
+                    tracing::warn!(warning = %w, "schedule file loaded with a warning");
+                }
+                out.push(s)
+            }
             _ => {
                 for x in &p {
                     tracing::error!(problem = %x, "invalid schedule file; its previous version keeps running");
@@ -492,6 +519,7 @@ fn plan(shared: &Arc<Shared>) -> HashMap<String, JoinHandle<()>> {
     next.clear();
     for s in cfg.schedules.iter().filter(|s| s.cron.is_some()) {
         let Some(first) = scheduler::next_run(s, Utc::now()) else {
+            tracing::error!(secret = %s.name, cron = ?s.cron, "the schedule has no next run (no fire time, or one out of the calendar's range); it will not rotate until its file is fixed");
             continue;
         };
         next.insert(s.name.clone(), first);
@@ -530,6 +558,12 @@ async fn schedule_task(shared: Arc<Shared>, sched: Schedule, mut at: DateTime<Ut
             .await;
         }
         let Some(next) = scheduler::next_run(&sched, Utc::now()) else {
+            tracing::error!(secret = %sched.name, cron = ?sched.cron, "the schedule has no next run (no fire time, or one out of the calendar's range); it will not rotate until its file is fixed");
+            shared
+                .next_runs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&sched.name);
             return;
         };
         at = next;
@@ -753,45 +787,162 @@ fn bind_control(cfg: &Config) -> Result<tokio::net::UnixListener, Error> {
     Ok(l)
 }
 
+/// Accepts control connections. The peer's uid is checked first, before a byte is
+/// read: a refused peer gets its answer and the close. Allowed peers get one of
+/// [`limits::MAX_CONNECTIONS`] slots; beyond that they are turned away with an error.
 async fn serve_control(listener: tokio::net::UnixListener, shared: Arc<Shared>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits::MAX_CONNECTIONS));
+    let lingering = Arc::new(tokio::sync::Semaphore::new(limits::MAX_LINGERING));
+    let mut backoff = limits::AcceptBackoff::new("control socket");
+    let mut refused_log = limits::Throttle::new(Duration::from_secs(10));
+    let mut full_log = limits::Throttle::new(Duration::from_secs(10));
+    let me = nix::unistd::getuid().as_raw();
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((s, _)) => {
+                backoff.succeeded();
+                s
+            }
+            Err(e) => {
+                backoff.failed(&e).await;
+                continue;
+            }
         };
-        let sh = shared.clone();
-        tokio::spawn(async move { handle_client(stream, sh).await });
+        let cred = stream.peer_cred().ok();
+        let uid = cred.as_ref().map(|c| c.uid()).unwrap_or(u32::MAX);
+        let pid = cred.as_ref().and_then(|c| c.pid());
+        let allowed = uid == 0 || uid == me || shared.config().daemon.allowed_uids.contains(&uid);
+        let linger = || lingering.clone().try_acquire_owned().ok();
+        if !allowed {
+            if let Some(held_back) = refused_log.allow() {
+                tracing::warn!(
+                    uid,
+                    ?pid,
+                    refusals_not_logged = held_back,
+                    "control connection refused: uid not allowed"
+                );
+            }
+            let msg = format!(
+                "uid {uid} is not allowed on the control socket; add it to [daemon] allowed_uids"
+            );
+            tokio::spawn(turn_away(stream, msg, linger()));
+            continue;
+        }
+        match slots.clone().try_acquire_owned() {
+            Ok(slot) => {
+                let sh = shared.clone();
+                tokio::spawn(async move {
+                    handle_client(stream, uid, pid, sh).await;
+                    drop(slot);
+                });
+            }
+            Err(_) => {
+                if let Some(held_back) = full_log.allow() {
+                    tracing::warn!(uid, ?pid, limit = limits::MAX_CONNECTIONS, turned_away_not_logged = held_back,
+                        "control socket: every connection slot is taken; turning new connections away");
+                }
+                let msg = format!(
+                    "the daemon is serving {} control connections, its limit; try again in a few seconds",
+                    limits::MAX_CONNECTIONS
+                );
+                tokio::spawn(turn_away(stream, msg, linger()));
+            }
+        }
     }
 }
 
-async fn handle_client(stream: tokio::net::UnixStream, shared: Arc<Shared>) {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-    let cred = stream.peer_cred().ok();
-    let uid = cred.as_ref().map(|c| c.uid()).unwrap_or(u32::MAX);
+/// Answers a connection that will not be served, without reading from it: the
+/// answer, then (when `linger` holds a permit) [`limits::LINGER`] for the peer to send
+/// its request, so that its write does not fail before it has read the answer; then
+/// the close. Unread data is discarded by the kernel.
+async fn turn_away(
+    mut stream: tokio::net::UnixStream,
+    msg: String,
+    linger: Option<tokio::sync::OwnedSemaphorePermit>,
+) {
+    use tokio::io::AsyncWriteExt;
+    let mut text =
+        serde_json::to_string(&Response::error(msg)).unwrap_or_else(|_| "{\"ok\":false}".into());
+    text.push('\n');
+    // A new connection's send buffer is empty: the answer fits at once (the timeout
+    // is only a guard; `try_write` would fail before the reactor has seen the socket).
+    let sent = tokio::time::timeout(
+        Duration::from_millis(100),
+        stream.write_all(text.as_bytes()),
+    )
+    .await;
+    if let (Some(_permit), Ok(Ok(()))) = (linger, sent) {
+        // A plain pause: waiting for readiness instead let the close overtake the
+        // request of a client that writes right after `connect`.
+        tokio::time::sleep(limits::LINGER).await;
+    }
+}
+
+/// Serves one allowed client: request lines of at most [`limits::MAX_REQUEST_LINE`]
+/// bytes, each to arrive within [`limits::IDLE_TIMEOUT`]; an answer that the client
+/// does not read within [`limits::WRITE_TIMEOUT`] ends the connection.
+async fn handle_client(
+    stream: tokio::net::UnixStream,
+    uid: u32,
+    pid: Option<i32>,
+    shared: Arc<Shared>,
+) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
     let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
         .ok()
         .flatten()
         .map(|u| u.name);
     let (r, mut w) = stream.into_split();
-    let mut lines = BufReader::new(r).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        let me = nix::unistd::getuid().as_raw();
-        let cfg = shared.config();
-        let allowed = uid == 0 || uid == me || cfg.daemon.allowed_uids.contains(&uid);
-        tracing::info!(uid, user = ?user, pid = ?cred.as_ref().and_then(|c| c.pid()), allowed, "control request");
-        let resp = if !allowed {
-            Response::error(format!(
-                "uid {uid} is not allowed on the control socket; add it to [daemon] allowed_uids"
-            ))
-        } else {
-            match serde_json::from_str::<Request>(&line) {
-                Err(e) => Response::error(format!("bad request: {e}")),
-                Ok(req) => answer(req, uid, user.clone(), &shared).await,
+    let mut reader = BufReader::new(r);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let limit = limits::MAX_REQUEST_LINE as u64 + 1;
+        let read = tokio::time::timeout(
+            limits::IDLE_TIMEOUT,
+            (&mut reader).take(limit).read_until(b'\n', &mut line),
+        )
+        .await;
+        let (resp, last) = match read {
+            Err(_) => {
+                tracing::debug!(uid, ?pid, "control client sent no request in time; closed");
+                (
+                    Response::error(format!(
+                        "no request within {}; closing",
+                        humantime::format_duration(limits::IDLE_TIMEOUT)
+                    )),
+                    true,
+                )
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(uid, ?pid, error = %e, "control client read failed");
+                return;
+            }
+            Ok(Ok(0)) => return,
+            Ok(Ok(_)) if line.len() > limits::MAX_REQUEST_LINE => {
+                tracing::warn!(uid, ?pid, "control request line too long; closed");
+                (
+                    Response::error(format!(
+                        "request line longer than {} bytes; closing",
+                        limits::MAX_REQUEST_LINE
+                    )),
+                    true,
+                )
+            }
+            Ok(Ok(_)) => {
+                tracing::info!(uid, user = ?user, ?pid, allowed = true, "control request");
+                let resp = match serde_json::from_slice::<Request>(&line) {
+                    Err(e) => Response::error(format!("bad request: {e}")),
+                    Ok(req) => answer(req, uid, user.clone(), &shared).await,
+                };
+                (resp, false)
             }
         };
         let mut text = serde_json::to_string(&resp).unwrap_or_else(|_| "{\"ok\":false}".into());
         text.push('\n');
-        if w.write_all(text.as_bytes()).await.is_err() {
-            return;
+        match tokio::time::timeout(limits::WRITE_TIMEOUT, w.write_all(text.as_bytes())).await {
+            Ok(Ok(())) if !last => {}
+            _ => return,
         }
     }
 }

@@ -5,6 +5,11 @@
 //! rotation request to the daemon's command channel and waits for the outcome. The
 //! time arithmetic is in small pure functions so it can be tested without a clock;
 //! the retry loop is tested with tokio's paused time.
+//!
+//! Nothing here may panic, whatever the schedule: the config bounds every duration
+//! (`config.rs`), and the arithmetic is checked anyway — a time out of the calendar's
+//! range is "no next run" (the daemon logs it), never an overflow. A panic here once
+//! killed a running daemon on the hot reload of a schedule with a huge `jitter`.
 
 use std::future::Future;
 use std::time::Duration;
@@ -16,6 +21,12 @@ use crate::config::{Schedule, Window};
 
 /// The first time after `after` that the cron expression fires.
 pub fn next_fire(cron: &str, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    // croner panics near the ends of chrono's range (`NaiveDate - TimeDelta` on
+    // 1 January of year -262143) and gives up past the year 5000; rotd only asks
+    // about real dates.
+    if !(1970..5000).contains(&chrono::Datelike::year(&after)) {
+        return None;
+    }
     let six: Vec<&str> = cron.split_whitespace().take(6).collect();
     let c = croner::Cron::new(&six.join(" "))
         .with_seconds_required()
@@ -27,7 +38,7 @@ pub fn next_fire(cron: &str, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
 
 /// A delay drawn uniformly from `[0, max]` (millisecond resolution).
 pub fn jitter(max: Duration) -> Duration {
-    let ms = max.as_millis() as u64;
+    let ms = u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
     if ms == 0 {
         return Duration::ZERO;
     }
@@ -35,7 +46,11 @@ pub fn jitter(max: Duration) -> Duration {
     if SystemRandom::new().fill(&mut b).is_err() {
         return Duration::ZERO;
     }
-    Duration::from_millis(u64::from_le_bytes(b) % (ms + 1))
+    let r = u64::from_le_bytes(b);
+    Duration::from_millis(match ms.checked_add(1) {
+        Some(n) => r % n,
+        None => r,
+    })
 }
 
 /// Backoff before retry `attempt` (0-based): `base × 2^attempt`, at most one hour.
@@ -53,10 +68,17 @@ pub fn too_old(max_age: Option<Duration>, age_seconds: Option<i64>) -> bool {
     }
 }
 
-/// The next time a scheduled rotation starts, jitter included.
+/// The next time a scheduled rotation starts, jitter included; `None` when the cron
+/// never fires again or the time would leave the calendar's range.
 pub fn next_run(sched: &Schedule, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-    let fire = next_fire(sched.cron.as_deref()?, now)?;
-    Some(fire + chrono::Duration::from_std(jitter(sched.jitter)).unwrap_or_default())
+    next_run_at(sched.cron.as_deref()?, sched.jitter, now)
+}
+
+/// [`next_run`] on the parts of a schedule it reads.
+pub fn next_run_at(cron: &str, max_jitter: Duration, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let fire = next_fire(cron, now)?;
+    let delay = chrono::TimeDelta::from_std(jitter(max_jitter)).ok()?;
+    fire.checked_add_signed(delay)
 }
 
 /// Runs `attempt` until it reports success, at most `1 + retries` times, sleeping
@@ -74,9 +96,9 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let mut n = 0;
+    let mut n: u32 = 0;
     loop {
-        n += 1;
+        n = n.saturating_add(1);
         if attempt().await {
             return n;
         }
@@ -143,6 +165,80 @@ mod tests {
         assert!(!too_old(d, Some(99)));
         assert!(too_old(d, None));
         assert!(!too_old(None, Some(1_000_000)));
+    }
+
+    /// The cron expressions the property test combines: every field's usual forms,
+    /// and days that exist only in some months.
+    fn crons() -> Vec<String> {
+        let mut out = Vec::new();
+        for sec in ["0", "*/7"] {
+            for min in ["0", "*/15"] {
+                for hour in ["0", "*/5", "23"] {
+                    for dom in ["*", "1", "29", "30", "31", "L"] {
+                        for month in ["*", "2", "4,6", "12"] {
+                            for dow in ["*", "Sun", "Mon-Fri"] {
+                                out.push(format!("{sec} {min} {hour} {dom} {month} {dow}"));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn next_run_never_panics_on_a_schedule_that_check_accepts() {
+        let dir = std::path::Path::new("/nonexistent-rotd-test");
+        let nows = [
+            Utc::now(),
+            t("2026-02-28T23:59:59Z"),
+            t("2028-02-29T12:00:00Z"),
+            t("4999-12-31T23:59:59Z"),
+            DateTime::<Utc>::MAX_UTC,
+            DateTime::<Utc>::MIN_UTC,
+        ];
+        let (mut accepted, mut refused) = (0, 0);
+        for cron in crons() {
+            let mut cron_refused = false;
+            for jitter in ["0s", "10m", "24h"] {
+                if cron_refused {
+                    continue; // refused for its cron already (searching is slow in debug)
+                }
+                let text = format!(
+                    "name = \"s\"\nschedule = \"{cron}\"\njitter = \"{jitter}\"\n[target]\nkind = \"files\"\n"
+                );
+                let mut problems = Vec::new();
+                let Some(sched) =
+                    crate::config::parse_schedule_str(&text, &dir.join("s.toml"), &mut problems)
+                else {
+                    refused += 1;
+                    cron_refused = true;
+                    continue;
+                };
+                accepted += 1;
+                for now in nows {
+                    let next = next_run(&sched, now);
+                    if now == nows[0] || now == nows[1] || now == nows[2] {
+                        // A checked schedule always has a next run from a real date.
+                        let next = next.unwrap_or_else(|| panic!("{cron} + {jitter}"));
+                        assert!(next > now && next <= now + chrono::TimeDelta::days(366 * 30));
+                    }
+                }
+            }
+        }
+        assert!(accepted > 1500 && refused > 0, "{accepted} / {refused}");
+        // Unchecked extremes: no panic, just no next run.
+        for max in [
+            Duration::MAX,
+            Duration::from_secs(100_000_000 * 366 * 86400),
+        ] {
+            for now in nows {
+                for _ in 0..200 {
+                    let _ = next_run_at("0 0 4 * * *", max, now);
+                }
+            }
+        }
     }
 
     #[tokio::test(start_paused = true)]
