@@ -325,13 +325,15 @@ impl Config {
                         }
                     }
                 }
-                Ok(r) => last = match crate::http::redirect_refused(&r) {
-                    Some(why) => format!("query {query_url} {why}"),
-                    None => format!(
+                Ok(r) => {
+                    last = match crate::http::redirect_refused(&r) {
+                        Some(why) => format!("query {query_url} {why}"),
+                        None => format!(
                         "query {query_url} answered HTTP {} (query credential user {query_user})",
                         r.status().as_u16()
                     ),
-                },
+                    }
+                }
                 Err(e) => last = format!("query {query_url}: {}", http_error(&e)),
             }
             tracing::debug!(attempt, reason = %last, "query probe attempt failed");
