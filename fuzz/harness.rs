@@ -445,6 +445,18 @@ pub fn trailers(data: &[u8]) {
         msg = msg.trailer(&key, value.as_str());
         expected.insert(key, value.replace('\n', " ").trim().to_owned());
     }
+    // A line starting with `---` ends the message for git (a patch follows), so
+    // no trailer after it is read. rotd's subjects start with a verb ("rotate",
+    // "import", "retire", "rekey", "init") and it writes no body.
+    let patch = |t: &str| t.lines().any(|l| l.starts_with("---"));
+    if patch(&msg.subject) || body.as_deref().is_some_and(patch) {
+        return;
+    }
+    // Without trailers the body is the last paragraph, which git reads as the
+    // trailers when it looks like them.
+    if expected.is_empty() {
+        body = None;
+    }
     msg.body = body;
     let rendered = msg.render();
     // Whitespace around a value is not kept by git's trailer format.
@@ -491,12 +503,15 @@ pub fn web_config_rewrite(data: &[u8]) {
         return;
     }
     // Each entry on its own line: every hash appears as written (not folded over lines,
-    // not escaped, not an alias), and every name is plain (the line edit finds an
+    // not escaped, not an alias) in bcrypt's alphabet, and every name is plain (the line edit finds an
     // entry by the text before its first ':', quotes trimmed).
-    let one_line = before.values().all(|h| text.contains(h.as_str()))
-        && before.keys().all(|u| {
-            u.trim() == u && !u.contains(['"', '\'', '#', '\\']) && !u.contains(char::is_control)
-        });
+    let one_line = before.values().all(|h| {
+        text.contains(h.as_str())
+            && h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"$./".contains(&b))
+    }) && before.keys().all(|u| {
+        u.trim() == u && !u.contains(['"', '\'', '#', '\\']) && !u.contains(char::is_control)
+    });
     let first = before.keys().next().cloned();
 
     let mut intents: Vec<BTreeMap<String, String>> = Vec::new();
