@@ -443,7 +443,16 @@ pub fn trailers(data: &[u8]) {
             continue;
         }
         msg = msg.trailer(&key, value.as_str());
-        expected.insert(key, value.replace('\n', " ").trim().to_owned());
+        // `Message::trailer` writes one line: control characters become spaces.
+        let one_line: String = value
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        let one_line = match one_line.trim() {
+            "" => "-".to_owned(),
+            v => v.to_owned(),
+        };
+        expected.insert(key, one_line);
     }
     // A line starting with `---` ends the message for git (a patch follows), so
     // no trailer after it is read. rotd's subjects start with a verb ("rotate",

@@ -176,7 +176,7 @@ pub fn print(r: &Report, json: bool, out: &mut impl Write) -> std::io::Result<()
             s.state,
             s.last_rotation
                 .as_ref()
-                .map(|l| format!("{} {}", &l.time[..l.time.len().min(16)], l.outcome))
+                .map(|l| format!("{} {}", l.time.get(..16).unwrap_or(&l.time), l.outcome))
                 .unwrap_or_else(|| "-".into()),
             age,
             s.next_run.as_deref().unwrap_or("-"),

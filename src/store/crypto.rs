@@ -189,6 +189,30 @@ impl Keys {
     }
 }
 
+/// The SSH public key of a recipient line, checked before age sees it: age's parser
+/// panics on some malformed RSA keys (an empty modulus, found by the `recipients` fuzz
+/// target), and a key shorter than 2048 bits protects nothing.
+fn check_ssh_recipient(line: &str) -> Result<(), String> {
+    let key = ssh_key::PublicKey::from_openssh(line)
+        .map_err(|e| format!("not an OpenSSH public key line: {e}"))?;
+    match key.key_data() {
+        ssh_key::public::KeyData::Ed25519(_) => Ok(()),
+        ssh_key::public::KeyData::Rsa(rsa) => {
+            let bits = rsa.n.as_positive_bytes().map_or(0, |n| n.len() * 8);
+            if rsa.e.as_positive_bytes().is_none() || bits < 2048 {
+                return Err(format!(
+                    "an ssh-rsa key needs a modulus of at least 2048 bits (this one has {bits}); use ssh-ed25519"
+                ));
+            }
+            Ok(())
+        }
+        other => Err(format!(
+            "age encrypts to ssh-ed25519 and ssh-rsa keys only, not {}",
+            other.algorithm()
+        )),
+    }
+}
+
 fn parse_recipient(line: &str, path: &Path, lineno: usize) -> Result<Recipient, Error> {
     let bad = |reason: String| Error::BadRecipient {
         path: path.to_owned(),
@@ -198,6 +222,7 @@ fn parse_recipient(line: &str, path: &Path, lineno: usize) -> Result<Recipient, 
     let inner: Box<dyn age::Recipient + Send + Sync> = if line.starts_with("age1") {
         Box::new(age::x25519::Recipient::from_str(line).map_err(|e| bad(e.to_string()))?)
     } else if line.starts_with("ssh-") {
+        check_ssh_recipient(line).map_err(bad)?;
         Box::new(age::ssh::Recipient::from_str(line).map_err(|e| bad(format!("{e:?}")))?)
     } else {
         return Err(bad("unknown key type".into()));

@@ -160,9 +160,19 @@ impl Message {
     }
 
     pub fn trailer(mut self, key: &str, value: impl Into<String>) -> Message {
-        let value: String = value.into();
-        self.trailers
-            .push((key.to_owned(), value.replace('\n', " ")));
+        // One line, no control character (a NUL hides every trailer from git's parser,
+        // a CR or LF could forge one), never blank (git would read the next trailer
+        // line as its continuation): values may quote a peer.
+        let value: String = value
+            .into()
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        let value = match value.trim() {
+            "" => "-".to_owned(),
+            v => v.to_owned(),
+        };
+        self.trailers.push((key.to_owned(), value));
         self
     }
 
@@ -1065,6 +1075,23 @@ pub struct InitReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_trailer_value_quoting_a_peer_cannot_forge_or_hide_trailers() {
+        let msg = Message::new("rotate x: failed")
+            .trailer("Rotd-Secret", "x")
+            .trailer("Rotd-Reason", "boom\r\nRotd-Step: succeeded\0")
+            .trailer("Rotd-Probe", "  ")
+            .trailer("Rotd-Step", "failed");
+        let text = msg.render();
+        let steps = text.lines().filter(|l| l.starts_with("Rotd-Step:")).count();
+        assert_eq!(steps, 1, "{text}");
+        let t = crate::audit::trailers(&text);
+        assert_eq!(t["Rotd-Step"], "failed", "{text}");
+        assert_eq!(t["Rotd-Probe"], "-", "{text}");
+        assert_eq!(t["Rotd-Secret"], "x", "{text}");
+        assert!(!text.contains('\0') && !text.contains('\r'), "{text:?}");
+    }
 
     fn key(dir: &Path, name: &str) -> Signer {
         let (text, _) = Signer::generate(name).unwrap();
