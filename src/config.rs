@@ -1478,6 +1478,68 @@ mod tests {
     }
 
     #[test]
+    fn ack_timeout_is_bounded_and_consumers_are_checked_at_their_line() {
+        let file = Path::new("/nonexistent/s.toml");
+        let parse = |extra: &str| {
+            let text = format!(
+                "name = \"s\"\nschedule = \"0 0 4 * * *\"\n{extra}\n[target]\nkind = \"files\"\n"
+            );
+            let mut problems = Vec::new();
+            let s = parse_schedule_str(&text, file, &mut problems);
+            (
+                s,
+                problems
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            )
+        };
+        let (s, p) = parse("ack_timeout = \"31d\"");
+        assert!(
+            s.is_none() && p.contains("s.toml:3: ack_timeout") && p.contains("30d"),
+            "{p}"
+        );
+        let (s, p) = parse("consumers = [\"web-1\", \"web-1\"]\nack_timeout = \"30d\"");
+        assert!(
+            s.is_none() && p.contains("s.toml:3: consumers: \"web-1\" is listed twice"),
+            "{p}"
+        );
+        let (s, p) = parse("consumers = [\"web-1\",\n  \"web-2\"]\nack_timeout = \"30d\"");
+        let s = s.unwrap_or_else(|| panic!("{p}"));
+        assert_eq!(s.consumers, ["web-1", "web-2"]);
+        assert_eq!(s.consumer_lines, [3, 4]);
+        assert_eq!(s.ack_timeout, Duration::from_secs(30 * 86_400));
+        let (s, _) = parse("");
+        assert_eq!(s.map(|s| s.ack_timeout), Some(DEFAULT_ACK_TIMEOUT));
+    }
+
+    #[test]
+    fn a_typo_in_a_host_name_gets_a_suggestion() {
+        let hosts = ["web-1", "web-2", "db-main"];
+        assert_eq!(did_you_mean("web1", hosts.into_iter()), Some("web-1"));
+        assert_eq!(did_you_mean("db-mian", hosts.into_iter()), Some("db-main"));
+        assert_eq!(did_you_mean("cache", hosts.into_iter()), None);
+    }
+
+    #[test]
+    fn host_recipients_are_age_or_ssh_ed25519_lines() {
+        let id = age::x25519::Identity::generate();
+        check_host_recipient(&id.to_public().to_string()).unwrap();
+        let (_, ssh) = crate::signing::Signer::generate("h@x").unwrap();
+        check_host_recipient(&ssh).unwrap();
+        for bad in [
+            "age1nope",
+            "ssh-rsa AAAA",
+            "ssh-ed25519 AAAAnotbase64!",
+            "web-1",
+            "",
+        ] {
+            assert!(check_host_recipient(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn names() {
         assert!(valid_name("prom-remote-write"));
         assert!(!valid_name("../etc"));

@@ -333,3 +333,59 @@ fn parse_recipient(line: &str, path: &Path, lineno: usize) -> Result<Recipient, 
         inner,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn x25519() -> Recipient {
+        let id = age::x25519::Identity::generate();
+        Recipient::for_host("h", &id.to_public().to_string()).expect("a valid recipient")
+    }
+
+    #[test]
+    fn the_stanzas_read_back_are_those_of_the_recipients_encrypted_to() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let (text, _) = Keys::generate_identity_file();
+        let id = dir.path().join("id");
+        crate::fsutil::write_atomic(&id, text.as_bytes(), 0o600).expect("identity written");
+        let keys = Keys::load(&id, None).expect("keys");
+        let (_, ssh_pub) = crate::signing::Signer::generate("host@x").expect("an ssh key");
+        let ssh = Recipient::for_host("h", &ssh_pub).expect("an ssh recipient");
+        let extra = [x25519(), ssh];
+        let file = keys.encrypt_to(b"value\n", &extra).expect("encrypted");
+        let mut found = stanzas(&file, "f").expect("a header");
+        let mut want: Vec<Stanza> = keys
+            .recipient_set(&extra)
+            .iter()
+            .map(|r| r.stanza())
+            .collect();
+        found.sort();
+        want.sort();
+        assert_eq!(found, want);
+        assert_eq!(found.len(), 3);
+        assert!(found
+            .iter()
+            .any(|s| s.kind == "ssh-ed25519" && s.tag.is_some()));
+        // The daemon still decrypts; a consumer given twice is one stanza.
+        assert_eq!(
+            keys.decrypt(&file, "f").expect("decrypts").as_slice(),
+            b"value\n"
+        );
+        let twice = [extra[0].clone_for_test(), extra[0].clone_for_test()];
+        let file = keys.encrypt_to(b"v", &twice).expect("encrypted");
+        assert_eq!(stanzas(&file, "f").expect("a header").len(), 2);
+    }
+
+    #[test]
+    fn a_file_that_is_not_age_has_no_stanzas() {
+        assert!(stanzas(b"not age at all\n", "f").is_err());
+        assert!(stanzas(b"age-encryption.org/v1\n-> X25519 abc\n", "f").is_err());
+    }
+
+    impl Recipient {
+        fn clone_for_test(&self) -> Recipient {
+            Recipient::for_host("h", &self.text).expect("valid")
+        }
+    }
+}
