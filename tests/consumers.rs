@@ -196,6 +196,25 @@ fn a_bad_host_recipient_is_a_configuration_error_at_its_line() {
     assert!(!all.contains("AGE-SECRET-KEY-1Q"), "{all}");
 }
 
+#[test]
+fn a_secret_whose_schedule_names_an_undeclared_host_is_not_written_at_all() {
+    let Fleet { env, .. } = fleet();
+    // `import` reads rotd.toml only (no schedule check), as a hot reload of one file
+    // would: the store itself refuses to write s3 to a set nobody declared.
+    schedule(&env, "s3", &["host-z"]);
+    let before = sgit(&env, &["rev-parse", "HEAD"]);
+    let o = env.rotd_stdin(&["import", "s3"], "imported-value-0123456789\n");
+    let all = format!("{}{}", stdout(&o), stderr(&o));
+    assert_eq!(o.status.code(), Some(1), "{all}");
+    assert!(
+        all.contains("lists consumer \"host-z\", which is not a [hosts.host-z]"),
+        "{all}"
+    );
+    assert!(!all.contains("imported-value"), "{all}");
+    assert_eq!(sgit(&env, &["rev-parse", "HEAD"]), before);
+    assert!(!env.store.join("secrets/s3.age").exists());
+}
+
 fn sgit(env: &TestEnv, args: &[&str]) -> String {
     stdout(&git(&env.store, args))
 }
