@@ -215,6 +215,68 @@ fn a_secret_whose_schedule_names_an_undeclared_host_is_not_written_at_all() {
     assert!(!env.store.join("secrets/s3.age").exists());
 }
 
+#[test]
+fn a_host_with_an_ssh_ed25519_key_decrypts_only_what_it_consumes_and_verify_flags_the_rest() {
+    let env = TestEnv::new();
+    std::fs::create_dir_all(env.path("out")).unwrap();
+    let key = env.path("keys/web-ssh");
+    let o = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "web-ssh", "-f"])
+        .arg(&key)
+        .output()
+        .expect("ssh-keygen (apt-get install openssh-client)");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let public = std::fs::read_to_string(env.path("keys/web-ssh.pub")).unwrap();
+    append_config(
+        &env,
+        &format!(
+            "[hosts.web-ssh]\nrecipient = \"{}\"\nsigner = \"{}\"\n",
+            public.trim(),
+            public.trim()
+        ),
+    );
+    schedule(&env, "s1", &["web-ssh"]);
+    schedule(&env, "s2", &[]);
+    rotd_ok(&env, &["rotate", "s1"]);
+    rotd_ok(&env, &["rotate", "s2"]);
+    let o = age_decrypt(&key, &env.store.join("secrets/s1.age"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).lines().next(), Some(env.show("s1").as_str()));
+    assert!(!age_decrypt(&key, &env.store.join("secrets/s2.age"))
+        .status
+        .success());
+    rotd_ok(&env, &["verify"]);
+    // s2's file swapped for one encrypted to the host too (same stanza count as s1):
+    // verify names it.
+    std::fs::copy(
+        env.store.join("secrets/s1.age"),
+        env.store.join("secrets/s2.age"),
+    )
+    .unwrap();
+    git(&env.store, &["add", "secrets/s2.age"]);
+    let o = git(
+        &env.store,
+        &[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "commit",
+            "-q",
+            "-m",
+            "swap\n\nRotd-Secret: s2\nRotd-Step: imported",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = env.rotd(&["verify"]);
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("secrets/s2.age is encrypted to 3 recipient(s)"),
+        "{out}"
+    );
+}
+
 fn sgit(env: &TestEnv, args: &[&str]) -> String {
     stdout(&git(&env.store, args))
 }
