@@ -7,6 +7,10 @@
 //! other secrets resolved. Every problem found is reported — not just the first — as an
 //! [`Problem`] naming the file, the line, what is wrong and what to do.
 //!
+//! `[hosts.NAME]` (DESIGN §7) names the hosts a schedule may list in `consumers`; a
+//! consumer must be a declared host. The store reads a secret's consumers again when
+//! it encrypts it ([`consumers_of`]), so what a host can decrypt follows the schedule.
+//!
 //! Relative paths in a file are taken relative to the directory of that file, so a
 //! config tree can be moved as a whole.
 

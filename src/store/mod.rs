@@ -2,7 +2,9 @@
 //!
 //! Layout (contract): `.age-recipients` (one recipient a line), `secrets/NAME.age`
 //! (the current credential), `secrets/NAME.pending.age` (only while a rotation of NAME
-//! is in flight). Commit messages end in `Rotd-*` trailers.
+//! is in flight). Commit messages end in `Rotd-*` trailers. `.age-recipients` is the
+//! global list; each secret file is encrypted to it, the daemon, and that secret's
+//! consumers only ([`Store::encrypt_for`]), so a host reads only what it uses.
 //!
 //! The repository is the journal and the lock:
 //! * every change is a commit made under an exclusive `flock` on `.git/rotd.lock`
