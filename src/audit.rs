@@ -12,7 +12,9 @@
 //! * every `pending` step has a terminal step, or is the rotation in flight;
 //! * every commit touching `secrets/` carries `Rotd-Secret` and `Rotd-Step`;
 //! * after a recipient is removed from `.age-recipients`, every secret is
-//!   re-encrypted and rotated.
+//!   re-encrypted and rotated;
+//! * every `secrets/*.age` at HEAD is encrypted to exactly the expected recipients:
+//!   the daemon, `.age-recipients` and the secret's consumers ([`recipient_findings`]).
 //!
 //! A finding names the commit and the file; no finding ever contains a secret.
 
@@ -369,6 +371,8 @@ pub fn verify(store: &Store, opts: &Options) -> Result<Report, Error> {
         }
     }
 
+    findings.extend(recipient_findings(store, &repo, head, &head_blobs)?);
+
     // Search every blob of every commit once for every known secret.
     let mut plain: Vec<(&Oid, &(Oid, String))> = blobs.iter().collect();
     plain.sort_by(|a, b| a.1 .1.cmp(&b.1 .1));
@@ -463,6 +467,75 @@ pub fn verify(store: &Store, opts: &Options) -> Result<Report, Error> {
         signing_checked: allowed.is_some(),
         findings,
     })
+}
+
+/// Checks that each secret file at HEAD is encrypted to the expected set: the daemon,
+/// the global recipients and the secret's consumers, and to nobody else.
+///
+/// An X25519 stanza does not say whom it is for, and rotd holds no host's identity, so
+/// the check compares the header's stanzas with the expected ones: the number of
+/// X25519 stanzas, and each SSH stanza by its key tag. A file encrypted to a host that
+/// is not a consumer has one stanza too many (or a foreign SSH tag), and is reported.
+fn recipient_findings(
+    store: &Store,
+    repo: &Repository,
+    head: Oid,
+    head_blobs: &HashMap<Oid, String>,
+) -> Result<Vec<Finding>, Error> {
+    let mut findings = Vec::new();
+    let mut files: Vec<(&Oid, &String)> = head_blobs.iter().collect();
+    files.sort_by(|a, b| a.1.cmp(b.1));
+    for (id, path) in files {
+        let Some(name) = path
+            .strip_prefix("secrets/")
+            .and_then(|p| p.strip_suffix(".age"))
+            .map(|p| p.strip_suffix(".pending").unwrap_or(p))
+        else {
+            continue;
+        };
+        let mut finding = |message: String| {
+            findings.push(Finding {
+                check: "recipients",
+                commit: head.to_string(),
+                file: Some(path.clone()),
+                message,
+            })
+        };
+        let extra = match store.consumer_recipients(name) {
+            Ok(e) => e,
+            Err(e) => {
+                finding(format!(
+                    "cannot tell whom {path} should be encrypted to: {e}"
+                ));
+                continue;
+            }
+        };
+        let mut expected: Vec<store::crypto::Stanza> = store
+            .keys()
+            .recipient_set(&extra)
+            .iter()
+            .map(|r| r.stanza())
+            .collect();
+        let blob = repo.find_blob(*id)?;
+        let mut found = match store::crypto::stanzas(blob.content(), path) {
+            Ok(s) => s,
+            Err(e) => {
+                finding(e.to_string());
+                continue;
+            }
+        };
+        expected.sort();
+        found.sort();
+        if expected != found {
+            finding(format!(
+                "{path} is encrypted to {} recipient(s), but the daemon, .age-recipients and its consumers make {}{}: a host that does not consume {name} may be able to read it, or a consumer cannot; run `rotd rekey`, then rotate {name}",
+                found.len(),
+                expected.len(),
+                if found.len() == expected.len() { " (an SSH key differs)" } else { "" }
+            ));
+        }
+    }
+    Ok(findings)
 }
 
 fn collect_blobs(

@@ -53,6 +53,7 @@ impl Error {
             Error::Store(store::Error::NotInitialised(_))
             | Error::Store(store::Error::Crypto(_))
             | Error::Store(store::Error::Signing(_))
+            | Error::Store(store::Error::UnknownHost { .. })
             | Error::Store(store::Error::File(
                 crate::fsutil::Error::TooOpen { .. }
                 | crate::fsutil::Error::NotOwner { .. }

@@ -7,6 +7,10 @@
 //! other secrets resolved. Every problem found is reported — not just the first — as an
 //! [`Problem`] naming the file, the line, what is wrong and what to do.
 //!
+//! `[hosts.NAME]` (DESIGN §7) names the hosts a schedule may list in `consumers`; a
+//! consumer must be a declared host. The store reads a secret's consumers again when
+//! it encrypts it ([`consumers_of`]), so what a host can decrypt follows the schedule.
+//!
 //! Relative paths in a file are taken relative to the directory of that file, so a
 //! config tree can be moved as a whole.
 
@@ -94,6 +98,11 @@ pub struct Store {
     pub remote_token_file: Option<PathBuf>,
     pub author_name: String,
     pub author_email: String,
+    /// `[hosts.NAME]` of `rotd.toml`: the hosts a secret can name as consumers.
+    pub hosts: BTreeMap<String, Host>,
+    /// The schedules directory, where a secret's consumers are read from when it is
+    /// encrypted (see [`consumers_of`]).
+    pub schedules: PathBuf,
 }
 
 /// `[daemon]`.
@@ -131,6 +140,13 @@ pub struct Schedule {
     pub target: targets::Config,
     pub deliver: Vec<deliver::Spec>,
     pub probe: Probe,
+    /// The hosts (names in `[hosts]`) whose programs use this secret: it is encrypted to
+    /// them besides the daemon and the global recipients (DESIGN §7).
+    pub consumers: Vec<String>,
+    /// Line of each entry of `consumers` (for "unknown host" problems).
+    pub consumer_lines: Vec<usize>,
+    /// How long consumers have to acknowledge a rotation before they are reported.
+    pub ack_timeout: Duration,
     /// What `rotd check` and the daemon warn about but accept (file:line each).
     pub warnings: Vec<Problem>,
 }
@@ -166,6 +182,8 @@ struct RawConfig {
     store: RawStore,
     #[serde(default)]
     daemon: RawDaemon,
+    #[serde(default)]
+    hosts: BTreeMap<String, Spanned<RawHost>>,
 }
 
 #[derive(Deserialize)]
@@ -213,6 +231,8 @@ struct RawSchedule {
     #[serde(default)]
     deliver: Vec<Spanned<RawDeliver>>,
     probe: Option<Spanned<RawProbe>>,
+    consumers: Option<Vec<Spanned<String>>>,
+    ack_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -430,6 +450,8 @@ fn load_with(path: &Path, with_schedules: bool, for_init: bool) -> Result<Config
             .store
             .author_email
             .unwrap_or_else(|| "rotd@localhost".into()),
+        hosts: validate_hosts(&raw.hosts, &mut rep),
+        schedules: PathBuf::new(),
     };
     for (what, p) in [
         ("recipients", &raw.store.recipients),
@@ -458,6 +480,10 @@ fn load_with(path: &Path, with_schedules: bool, for_init: bool) -> Result<Config
         .as_ref()
         .map(|p| rep.resolve(p.get_ref()))
         .unwrap_or_else(|| rep.base().join("schedules"));
+    let store = Store {
+        schedules: schedules_dir.clone(),
+        ..store
+    };
     if let Some(s) = raw.daemon.schedules.as_ref().filter(|_| with_schedules) {
         if !schedules_dir.is_dir() {
             rep.at(
@@ -526,6 +552,7 @@ fn load_with(path: &Path, with_schedules: bool, for_init: bool) -> Result<Config
         }
     }
     check_references(&schedules, &store.path, &mut problems);
+    check_consumers(&schedules, &store.hosts, &mut problems);
     if problems.is_empty() {
         Ok(Config {
             path: path.to_owned(),
@@ -592,6 +619,8 @@ pub mod bounds {
     pub const RETRIES: u32 = 100;
     /// Probe attempts (each up to `timeout` + `interval`, the secret's lock held).
     pub const PROBE_ATTEMPTS: u32 = 1_000;
+    /// How long consumers have to acknowledge a rotation.
+    pub const ACK_TIMEOUT: (Duration, &str) = (Duration::from_secs(30 * DAY), "30d");
 }
 
 /// Parses the duration at `v` and checks it against `bound`; a problem (file:line)
@@ -809,6 +838,13 @@ pub fn parse_schedule_str(
     if let Some(targets::Config::Elasticsearch(es)) = target.as_mut() {
         es.set_grace(grace);
     }
+    let (consumers, consumer_lines) = validate_consumers(raw.consumers.as_deref(), &mut rep);
+    let ack_timeout = match &raw.ack_timeout {
+        None => DEFAULT_ACK_TIMEOUT,
+        Some(a) => {
+            bounded(a, "ack_timeout", bounds::ACK_TIMEOUT, &mut rep).unwrap_or(DEFAULT_ACK_TIMEOUT)
+        }
+    };
     let mut deliver = Vec::new();
     for d in &raw.deliver {
         if let Some(spec) = validate_deliver(d, &mut rep) {
@@ -833,6 +869,9 @@ pub fn parse_schedule_str(
         target: target?,
         deliver,
         probe,
+        consumers,
+        consumer_lines,
+        ack_timeout,
         warnings,
     })
 }
@@ -1097,6 +1136,193 @@ fn check_references(schedules: &[Schedule], store: &Path, problems: &mut Vec<Pro
     }
 }
 
+// ---------------------------------------------------------------- hosts and consumers
+
+/// `ack_timeout` when a schedule does not set it.
+pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(3_600);
+
+/// `[hosts.NAME]` of `rotd.toml`: a host whose programs use some secrets (DESIGN §7).
+/// A secret is encrypted to the hosts its schedule lists in `consumers`, and to no
+/// other host, so a host can decrypt only what it uses.
+#[derive(Debug, Clone)]
+pub struct Host {
+    pub name: String,
+    /// An `age1…` X25519 recipient or an `ssh-ed25519` public key line (checked at load).
+    pub recipient: String,
+    /// Verifies the host's acknowledgements (OpenSSH public key line).
+    pub signer: Option<ssh_key::PublicKey>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHost {
+    recipient: Spanned<String>,
+    signer: Option<Spanned<String>>,
+}
+
+/// Checks an age recipient as a host's `recipient`: an X25519 `age1…` recipient or an
+/// `ssh-ed25519` line. The value is never repeated in the message (a private key
+/// pasted by mistake must not reach a log).
+pub fn check_host_recipient(line: &str) -> Result<(), String> {
+    use std::str::FromStr;
+    let line = line.trim();
+    if line.starts_with("age1") {
+        age::x25519::Recipient::from_str(line)
+            .map(|_| ())
+            .map_err(|_| "is not a valid age X25519 recipient (an `age1…` line as printed by `age-keygen -y`)".into())
+    } else if line.starts_with("ssh-ed25519 ") {
+        age::ssh::Recipient::from_str(line)
+            .map(|_| ())
+            .map_err(|_| {
+                "is not a valid ssh-ed25519 public key line (as in the host's `.pub` file)".into()
+            })
+    } else {
+        Err("is neither an age X25519 recipient (`age1…`) nor an `ssh-ed25519 AAAA…` public key line; put the host's public key there (`age-keygen -y KEYFILE`)".into())
+    }
+}
+
+fn validate_hosts(
+    raw: &BTreeMap<String, Spanned<RawHost>>,
+    rep: &mut Reporter<'_>,
+) -> BTreeMap<String, Host> {
+    let mut hosts = BTreeMap::new();
+    for (name, h) in raw {
+        let before = rep.count();
+        if !valid_name(name) {
+            rep.at(h, format!("[hosts.{name}]: {name:?} is not a valid host name; use lower-case letters, digits, '-', '_' and '.', starting with a letter or digit"));
+        }
+        let raw_host = h.get_ref();
+        if let Err(m) = check_host_recipient(raw_host.recipient.get_ref()) {
+            rep.at(&raw_host.recipient, format!("hosts.{name}.recipient {m}"));
+        }
+        let signer = raw_host.signer.as_ref().and_then(|s| {
+            match ssh_key::PublicKey::from_openssh(s.get_ref().trim()) {
+                Ok(k) => Some(k),
+                Err(_) => {
+                    rep.at(s, format!("hosts.{name}.signer is not an OpenSSH public key line (`ssh-ed25519 AAAA… comment`, as in the host's signing key `.pub` file)"));
+                    None
+                }
+            }
+        });
+        if rep.count() == before {
+            hosts.insert(
+                name.clone(),
+                Host {
+                    name: name.clone(),
+                    recipient: raw_host.recipient.get_ref().trim().to_owned(),
+                    signer,
+                },
+            );
+        }
+    }
+    hosts
+}
+
+/// A schedule's `consumers`: host names, each once; with the line of each.
+fn validate_consumers(
+    raw: Option<&[Spanned<String>]>,
+    rep: &mut Reporter<'_>,
+) -> (Vec<String>, Vec<usize>) {
+    let (mut names, mut lines) = (Vec::new(), Vec::new());
+    for c in raw.unwrap_or_default() {
+        let name = c.get_ref();
+        if !valid_name(name) {
+            rep.at(c, format!("consumers: {name:?} is not a valid host name; use the name of a [hosts.NAME] table of rotd.toml"));
+        } else if names.contains(name) {
+            rep.at(c, format!("consumers: {name:?} is listed twice; keep one"));
+        } else {
+            names.push(name.clone());
+            lines.push(rep.line_of(c.span().start));
+        }
+    }
+    (names, lines)
+}
+
+/// Every consumer must be a host declared in `rotd.toml`.
+fn check_consumers(
+    schedules: &[Schedule],
+    hosts: &BTreeMap<String, Host>,
+    problems: &mut Vec<Problem>,
+) {
+    for s in schedules {
+        for (c, line) in s.consumers.iter().zip(&s.consumer_lines) {
+            if hosts.contains_key(c) {
+                continue;
+            }
+            let hint = did_you_mean(c, hosts.keys().map(String::as_str))
+                .map(|h| format!(" (did you mean {h:?}?)"))
+                .unwrap_or_default();
+            problems.push(Problem {
+                file: s.file.clone(),
+                line: Some(*line),
+                message: format!("consumers: {c:?} is not a host declared in rotd.toml{hint}; add a [hosts.{c}] table with its recipient, or fix the name"),
+            });
+        }
+    }
+}
+
+/// The known name closest to `name`, when it is close enough to be a typo.
+fn did_you_mean<'a>(name: &str, known: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    known
+        .map(|k| (edit_distance(name, k), k))
+        .filter(|(d, k)| *d <= 2.max(k.len() / 4))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+/// Levenshtein distance, by characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = if ca == *cb {
+                prev
+            } else {
+                1 + prev.min(cur).min(row[j])
+            };
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// Only `consumers` of a schedule file; the rest is checked by [`load_schedule`].
+#[derive(Deserialize)]
+struct RawConsumersOnly {
+    #[serde(default)]
+    consumers: Vec<String>,
+}
+
+/// The consumers of secret `name`, read from `schedules/NAME.toml` now: the hosts it is
+/// encrypted to besides the global recipients. A secret without a schedule file (only
+/// imported) has none. Reading the file at each encryption (not the daemon's loaded
+/// copy) means a change of consumers takes effect at the next write of the secret
+/// (a rotation or `rotd rekey`) without a reload.
+pub fn consumers_of(schedules_dir: &Path, name: &str) -> Result<Vec<String>, String> {
+    if !valid_name(name) {
+        return Err(format!("{name:?} is not a valid secret name"));
+    }
+    let file = schedules_dir.join(format!("{name}.toml"));
+    let bytes = match crate::fsutil::read_optional(&file) {
+        Ok(Some(b)) => b,
+        Ok(None) => return Ok(Vec::new()),
+        Err(e) => return Err(e.to_string()),
+    };
+    let text = String::from_utf8(bytes)
+        .map_err(|_| format!("schedule {} is not UTF-8 text", file.display()))?;
+    let raw: RawConsumersOnly = toml::from_str(&text).map_err(|e| {
+        format!(
+            "{}; fix it and run `rotd check`",
+            toml_problem(&file, &text, &e)
+        )
+    })?;
+    Ok(raw.consumers)
+}
+
 impl RawTarget {
     pub(crate) fn kind(&self) -> &Spanned<String> {
         &self.kind
@@ -1253,6 +1479,68 @@ mod tests {
             parse_schedule_str(text, file, &mut problems).is_some(),
             "{problems:?}"
         );
+    }
+
+    #[test]
+    fn ack_timeout_is_bounded_and_consumers_are_checked_at_their_line() {
+        let file = Path::new("/nonexistent/s.toml");
+        let parse = |extra: &str| {
+            let text = format!(
+                "name = \"s\"\nschedule = \"0 0 4 * * *\"\n{extra}\n[target]\nkind = \"files\"\n"
+            );
+            let mut problems = Vec::new();
+            let s = parse_schedule_str(&text, file, &mut problems);
+            (
+                s,
+                problems
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            )
+        };
+        let (s, p) = parse("ack_timeout = \"31d\"");
+        assert!(
+            s.is_none() && p.contains("s.toml:3: ack_timeout") && p.contains("30d"),
+            "{p}"
+        );
+        let (s, p) = parse("consumers = [\"web-1\", \"web-1\"]\nack_timeout = \"30d\"");
+        assert!(
+            s.is_none() && p.contains("s.toml:3: consumers: \"web-1\" is listed twice"),
+            "{p}"
+        );
+        let (s, p) = parse("consumers = [\"web-1\",\n  \"web-2\"]\nack_timeout = \"30d\"");
+        let s = s.unwrap_or_else(|| panic!("{p}"));
+        assert_eq!(s.consumers, ["web-1", "web-2"]);
+        assert_eq!(s.consumer_lines, [3, 4]);
+        assert_eq!(s.ack_timeout, Duration::from_secs(30 * 86_400));
+        let (s, _) = parse("");
+        assert_eq!(s.map(|s| s.ack_timeout), Some(DEFAULT_ACK_TIMEOUT));
+    }
+
+    #[test]
+    fn a_typo_in_a_host_name_gets_a_suggestion() {
+        let hosts = ["web-1", "web-2", "db-main"];
+        assert_eq!(did_you_mean("web1", hosts.into_iter()), Some("web-1"));
+        assert_eq!(did_you_mean("db-mian", hosts.into_iter()), Some("db-main"));
+        assert_eq!(did_you_mean("cache", hosts.into_iter()), None);
+    }
+
+    #[test]
+    fn host_recipients_are_age_or_ssh_ed25519_lines() {
+        let id = age::x25519::Identity::generate();
+        check_host_recipient(&id.to_public().to_string()).unwrap();
+        let (_, ssh) = crate::signing::Signer::generate("h@x").unwrap();
+        check_host_recipient(&ssh).unwrap();
+        for bad in [
+            "age1nope",
+            "ssh-rsa AAAA",
+            "ssh-ed25519 AAAAnotbase64!",
+            "web-1",
+            "",
+        ] {
+            assert!(check_host_recipient(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

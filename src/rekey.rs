@@ -1,5 +1,10 @@
 //! `rotd rekey`: re-encrypt every secret file to the current recipients (the
-//! recipients file plus the daemon) and update `.age-recipients`, in one commit.
+//! recipients file plus the daemon, plus the secret's consumers) and update
+//! `.age-recipients`, in one commit.
+//!
+//! A secret's consumers are read from its schedule at this moment, so a host removed
+//! from `consumers` cannot decrypt the version written here nor any later one. The
+//! blobs already in the history stay readable to it: rotate the secret too.
 //!
 //! Every secret's rotation lock is held while the files are rewritten, so no rotation
 //! commits in between. The commit (`Rotd-Step: rekeyed`) lists the recipients added
@@ -71,7 +76,7 @@ pub fn rekey(store: &Store) -> Result<Rekeyed, store::Error> {
             let plain = store.keys().decrypt(&bytes, &path)?;
             changes.push(Change::Put {
                 path,
-                bytes: store.keys().encrypt(&plain)?,
+                bytes: store.encrypt_for(n, &plain)?,
             });
             out.files += 1;
         }

@@ -2,7 +2,9 @@
 //!
 //! Layout (contract): `.age-recipients` (one recipient a line), `secrets/NAME.age`
 //! (the current credential), `secrets/NAME.pending.age` (only while a rotation of NAME
-//! is in flight). Commit messages end in `Rotd-*` trailers.
+//! is in flight). Commit messages end in `Rotd-*` trailers. `.age-recipients` is the
+//! global list; each secret file is encrypted to it, the daemon, and that secret's
+//! consumers only ([`Store::encrypt_for`]), so a host reads only what it uses.
 //!
 //! The repository is the journal and the lock:
 //! * every change is a commit made under an exclusive `flock` on `.git/rotd.lock`
@@ -78,6 +80,10 @@ pub enum Error {
     Signing(#[from] crate::signing::Error),
     #[error(transparent)]
     RemoteRefused(Box<Refused>),
+    #[error("cannot tell which hosts consume {name}, so it is not written: {reason}")]
+    Consumers { name: String, reason: String },
+    #[error("the schedule of {name} lists consumer {host:?}, which is not a [hosts.{host}] table of rotd.toml, so {name} is not written; declare the host or fix the schedule (`rotd check` shows the line)")]
+    UnknownHost { name: String, host: String },
 }
 
 /// The remote's state was refused ([`Store::sync_from_remote`]); boxed in [`Error`] to
@@ -463,12 +469,42 @@ impl Store {
         })
     }
 
-    /// The change that writes `record`, encrypted to the recipients, as NAME's `slot`.
+    /// The change that writes `record` as NAME's `slot`, encrypted to the daemon, the
+    /// global recipients and NAME's consumers ([`Store::encrypt_for`]).
     pub fn put_record(&self, name: &str, slot: Slot, record: &Record) -> Result<Change, Error> {
         Ok(Change::Put {
             path: rel_path(name, slot),
-            bytes: self.keys.encrypt(&record.to_plaintext())?,
+            bytes: self.encrypt_for(name, &record.to_plaintext())?,
         })
+    }
+
+    /// The recipients of the hosts that consume secret `name` (`consumers` in
+    /// `schedules/NAME.toml`, read now; see [`config::consumers_of`]). A consumer that
+    /// is not a declared host is an error: the secret is then not written at all,
+    /// rather than written to a set nobody chose.
+    pub fn consumer_recipients(&self, name: &str) -> Result<Vec<crypto::Recipient>, Error> {
+        let consumers =
+            config::consumers_of(&self.cfg.schedules, name).map_err(|reason| Error::Consumers {
+                name: name.to_owned(),
+                reason,
+            })?;
+        consumers
+            .iter()
+            .map(|host| match self.cfg.hosts.get(host) {
+                Some(h) => Ok(crypto::Recipient::for_host(host, &h.recipient)?),
+                None => Err(Error::UnknownHost {
+                    name: name.to_owned(),
+                    host: host.clone(),
+                }),
+            })
+            .collect()
+    }
+
+    /// Encrypts `plaintext` of secret `name` to the daemon, the global recipients and
+    /// NAME's consumers, and to no other host.
+    pub fn encrypt_for(&self, name: &str, plaintext: &[u8]) -> Result<Vec<u8>, Error> {
+        let extra = self.consumer_recipients(name)?;
+        Ok(self.keys.encrypt_to(plaintext, &extra)?)
     }
 
     /// The raw (encrypted) bytes of a file at HEAD.
