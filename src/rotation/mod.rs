@@ -4,7 +4,7 @@
 //!
 //! | step | what happens | a failure here | a crash (SIGKILL) after it |
 //! |---|---|---|---|
-//! | 1 plan | take NAME's lock; roll back any unfinished rotation of NAME; fetch and fast-forward the store; read the current record and the target (nothing is written) | exit 1, nothing changed | nothing changed |
+//! | 1 plan | take NAME's lock; roll back any unfinished rotation of NAME; fetch and fast-forward the store; read the current record and the target (nothing is written, except a due retirement: a previous credential whose grace has passed is retired first, in its own `retired` commit); a rotation that would give the new password to a user still in grace stops here (the slot rule, `waiting-retire`) | exit 1, nothing changed | nothing changed |
 //! | 2 pending | generate the secret (ring), encrypt, commit `secrets/NAME.pending.age` (`Rotd-Step: pending`), push: the push is the compare-and-swap between instances | nothing reached a target; a rejected push drops the local commit (commit, push and drop are one step under the store lock, so no other commit of this host lands on top of it); exit 1; a full disk: exit 1, nothing written | the pending record is in git; no target knows it yet; recovery removes it |
 //! | 3 apply | install on the target so that old AND new are valid (the idle user; a second ES API key). When the TARGET makes the credential (an Elasticsearch API key: id and `api_key` come from the server), `apply` returns it in `Undo::record`; it replaces the pending record and is committed at once as `secrets/NAME.pending.age` again (`Rotd-Step: pending`, `Rotd-Key-Id`), before deliver; the first pending commit holds a generated placeholder and no `key-id` | rollback (the key is invalidated by id); a failed re-commit is a failure here | recovery rolls back: the idle user's previous hash (recorded in the pending record) is restored; the API key is invalidated by the pending record's `key-id`, or, when the crash came between the create and the re-commit, found by its name `rotd-NAME-ROTATION` |
 //! | 4 deliver | consumer files written atomically, reloads run | rollback: files restored byte for byte from memory, reloaded | recovery renders the consumer files again from the current (old) record, removes files only the new one had, reloads |
@@ -15,6 +15,12 @@
 //! A target whose apply REPLACES the old credential (an Elasticsearch native user's
 //! single password) rolls back from the CURRENT record (`rollback` receives it, in
 //! recovery too); its consumers hold the old credential from apply until deliver.
+//!
+//! The slot rule: a target that reuses a slot (the alternating users of
+//! `prometheus-remote-write`) never gets a new password for the user still valid in
+//! its grace period — consumers that have not switched would be cut off. A scheduled
+//! run waits for the retirement ([`Outcome::Waiting`], not retried); a manual one is
+//! refused the same way, pointing at `rotd retire --force NAME` ([`Engine::retire_now`]).
 //!
 //! A manual run may instead update the live credential in place when only settings
 //! changed (an API key's privileges, see `targets::Config::update_in_place`):
