@@ -150,6 +150,16 @@ fn a_scheduled_rotation_while_the_idle_user_is_in_grace_waits_and_status_says_so
         text.contains("waiting-retire") && text.contains(s["retire_after"].as_str().unwrap()),
         "{text}"
     );
+    // A manual rotation through the daemon is refused the same way.
+    let o = env.rotd(&["rotate", NAME]);
+    assert_eq!(o.status.code(), Some(1), "{}\n{}", stdout(&o), stderr(&o));
+    assert!(
+        stdout(&o).contains(&format!("rotd retire --force {NAME}")),
+        "{}",
+        stdout(&o)
+    );
+    assert_eq!(succeeded(&env), 1);
+    assert_eq!(web_hash(&setup, "writer-a").unwrap(), a_hash);
     let log = daemon_log(&env);
     let line = log
         .lines()
@@ -261,4 +271,41 @@ fn check_warns_when_the_grace_is_longer_than_the_cron_interval() {
     let o = env.rotd(&["check"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(!stdout(&o).contains("grace"), "{}", stdout(&o));
+}
+
+#[test]
+fn when_the_grace_ends_the_daemon_retires_first_then_the_scheduled_rotation_proceeds() {
+    let env = TestEnv::new();
+    let setup = rotated_once(&env, "3s");
+    let a_hash = web_hash(&setup, "writer-a").unwrap();
+    every_second(&env);
+    let _d = start_daemon(&env);
+    wait_until("a scheduled rotation", Duration::from_secs(30), || {
+        env.history_json(Some(NAME))
+            .iter()
+            .any(|e| e["step"] == "succeeded" && e["trigger"] == "schedule")
+    });
+    // Oldest first: the manual rotation, writer-a retired, then the scheduled one.
+    let mut h = env.history_json(Some(NAME));
+    h.reverse();
+    let steps: Vec<(String, String)> = h
+        .iter()
+        .filter(|e| e["step"] == "succeeded" || e["step"] == "retired")
+        .map(|e| {
+            (
+                e["step"].as_str().unwrap().to_owned(),
+                e["trigger"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(steps[0].0, "succeeded");
+    assert!(steps[0].1.starts_with("manual"), "{steps:?}");
+    assert_eq!(steps[1].0, "retired", "{steps:?}");
+    assert_eq!(
+        (steps[2].0.as_str(), steps[2].1.as_str()),
+        ("succeeded", "schedule"),
+        "{steps:?}"
+    );
+    assert_ne!(web_hash(&setup, "writer-a"), Some(a_hash));
+    daemon_log(&env);
 }
