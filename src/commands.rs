@@ -308,7 +308,11 @@ pub async fn run(cli: Cli) -> Result<i32, Error> {
             }
             engine.recover_all().await?;
             let mut code = exit::OK;
-            for (name, r) in engine.retire_due(name.as_deref()).await? {
+            let due = engine.retire_due(name.as_deref()).await?;
+            if let (Some(n), true) = (&name, due.is_empty()) {
+                writeln!(out, "{n}: nothing due for retirement (`rotd status` shows a grace in progress; `rotd retire --force {n}` retires it now)")?;
+            }
+            for (name, r) in due {
                 match r {
                     Ok(what) => writeln!(out, "{name}: retired {what}")?,
                     Err(e) => {

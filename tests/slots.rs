@@ -126,6 +126,11 @@ fn a_manual_rotation_while_the_idle_user_is_in_grace_is_refused_and_changes_noth
     assert_eq!(succeeded(&env), 1, "still exactly one rotation");
     // Nothing pending, no commit of the refusal.
     assert!(!env.head_files().iter().any(|f| f.contains("pending")));
+    // `rotd retire NAME` before the grace ends retires nothing, and says so.
+    let o = env.rotd(&["retire", NAME]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("nothing due"), "{}", stdout(&o));
+    assert_eq!(web_hash(&setup, "writer-a").unwrap(), a_hash);
 }
 
 #[test]
