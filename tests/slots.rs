@@ -314,3 +314,24 @@ fn when_the_grace_ends_the_daemon_retires_first_then_the_scheduled_rotation_proc
     assert_ne!(web_hash(&setup, "writer-a"), Some(a_hash));
     daemon_log(&env);
 }
+
+#[test]
+fn a_waiting_rotation_does_not_fire_the_rotation_failing_alert() {
+    let env = TestEnv::new();
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/rotd-alerts.yml");
+    let test = env.path("alerts-test.yml");
+    std::fs::write(
+        &test,
+        format!(
+            "rule_files:\n  - {}\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n      - series: 'rotd_rotations_total{{secret=\"w\",outcome=\"waiting-retire\"}}'\n        values: '0+1x60'\n      - series: 'rotd_rotations_total{{secret=\"r\",outcome=\"rolled-back\"}}'\n        values: '0+1x60'\n    alert_rule_test:\n      - eval_time: 30m\n        alertname: RotdRotationFailing\n        exp_alerts:\n          - exp_labels:\n              severity: warning\n              secret: r\n            exp_annotations:\n              summary: 'rotd cannot rotate r'\n              description: 'Rotations of r failed in the last hour; the old credential is still in use. See `rotd status` and `rotd history r`.'\n",
+            rules.display()
+        ),
+    )
+    .unwrap();
+    let o = std::process::Command::new("promtool")
+        .args(["test", "rules"])
+        .arg(&test)
+        .output()
+        .expect("promtool (apt-get install prometheus)");
+    assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
+}
