@@ -66,8 +66,16 @@ pub enum Command {
         #[arg(long = "key-id")]
         key_id: Option<String>,
     },
-    /// Carry out retirements whose grace has passed
-    Retire,
+    /// Carry out retirements whose grace has passed (of NAME only, when given)
+    Retire {
+        /// Only this secret
+        #[arg(required_if_eq("force", "true"))]
+        name: Option<String>,
+        /// Retire NAME's previous credential now, before its grace ends (recorded
+        /// with who ran it): every consumer must use the current credential already
+        #[arg(long)]
+        force: bool,
+    },
     /// Decrypt and print the current value (needs the identity)
     Show { name: String },
     /// Audit the whole store history; exit 1 on findings

@@ -288,13 +288,32 @@ pub async fn run(cli: Cli) -> Result<i32, Error> {
             let store = open(&cfg).await?;
             import(&store, &name, username, key_id, out)
         }
-        Command::Retire => {
+        Command::Retire { name, force } => {
             let cfg = Arc::new(config::load(&path)?);
+            if let Some(n) = name.as_deref().filter(|n| cfg.schedule(n).is_none()) {
+                return Err(rotation::Error::UnknownSecret(n.to_owned()).into());
+            }
             let store = open(&cfg).await?;
             let engine = Engine::new(cfg, store);
+            if let (true, Some(n)) = (force, name.as_deref()) {
+                return match engine.retire_now(n, Trigger::manual_here()).await? {
+                    Some(what) => {
+                        writeln!(out, "{n}: retired {what} (forced, before its grace ended)")?;
+                        Ok(exit::OK)
+                    }
+                    None => {
+                        writeln!(out, "{n}: nothing to retire")?;
+                        Ok(exit::OK)
+                    }
+                };
+            }
             engine.recover_all().await?;
             let mut code = exit::OK;
-            for (name, r) in engine.retire_due().await? {
+            let due = engine.retire_due(name.as_deref()).await?;
+            if let (Some(n), true) = (&name, due.is_empty()) {
+                writeln!(out, "{n}: nothing due for retirement (`rotd status` shows a grace in progress; `rotd retire --force {n}` retires it now)")?;
+            }
+            for (name, r) in due {
                 match r {
                     Ok(what) => writeln!(out, "{name}: retired {what}")?,
                     Err(e) => {

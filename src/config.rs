@@ -845,6 +845,23 @@ pub fn parse_schedule_str(
             bounded(a, "ack_timeout", bounds::ACK_TIMEOUT, &mut rep).unwrap_or(DEFAULT_ACK_TIMEOUT)
         }
     };
+    // The slot rule (rotation::slot_in_grace): with alternating users, a run while
+    // the previous user is still in grace waits, so a grace longer than the gap
+    // between two runs makes every other run wait.
+    if let (Some(c), Some(true)) = (&cron, target.as_ref().map(|t| t.reuses_slots())) {
+        let gap = shortest_gap(c, chrono::Utc::now(), GAP_RUNS);
+        if let Some(gap) = gap.filter(|g| grace > *g) {
+            warnings.push(Problem {
+                file: file.to_owned(),
+                line: raw.grace.as_ref().map(|g| rep.line_of(g.span().start)),
+                message: format!(
+                    "grace = {:?} is longer than the shortest gap between two runs of schedule = {c:?} ({}): a run while the previous user is still in its grace period waits, so every other scheduled rotation would be skipped; shorten the grace or space the runs",
+                    humantime::format_duration(grace).to_string(),
+                    humantime::format_duration(gap)
+                ),
+            });
+        }
+    }
     let mut deliver = Vec::new();
     for d in &raw.deliver {
         if let Some(spec) = validate_deliver(d, &mut rep) {
@@ -944,6 +961,26 @@ fn parse_cron(expr: &str) -> Result<croner::Cron, croner::errors::CronError> {
 
 /// Whether the (valid) cron fires inside the daily window on one of the next 367
 /// days. Each day, the first fire time at or after the window opens is looked up.
+/// How many upcoming runs [`shortest_gap`] looks at for `rotd check`.
+const GAP_RUNS: usize = 16;
+
+/// The shortest gap between two consecutive fire times of `expr` among its next
+/// `runs` fire times after `from`; None when it fires fewer than twice.
+fn shortest_gap(expr: &str, from: chrono::DateTime<chrono::Utc>, runs: usize) -> Option<Duration> {
+    let cron = parse_cron(expr).ok()?;
+    let mut prev = cron.find_next_occurrence(&from, false).ok()?;
+    let mut shortest: Option<Duration> = None;
+    for _ in 1..runs {
+        let Ok(next) = cron.find_next_occurrence(&prev, false) else {
+            break;
+        };
+        let gap = (next - prev).to_std().ok()?;
+        shortest = Some(shortest.map_or(gap, |s| s.min(gap)));
+        prev = next;
+    }
+    shortest
+}
+
 fn fires_in_window(expr: &str, w: &Window, from: chrono::DateTime<chrono::Utc>) -> bool {
     let Ok(cron) = parse_cron(expr) else {
         return true; // reported as invalid elsewhere
@@ -1398,6 +1435,18 @@ impl RawTarget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_shortest_gap_between_runs_is_found_among_uneven_fire_times() {
+        let from = chrono::DateTime::parse_from_rfc3339("2026-12-02T00:00:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        let gap = |c| shortest_gap(c, from, GAP_RUNS);
+        assert_eq!(gap("0 */30 * * * *"), Some(Duration::from_secs(1800)));
+        // 03:00 and 03:10 every day: 10 minutes, not a day.
+        assert_eq!(gap("0 0,10 3 * * *"), Some(Duration::from_secs(600)));
+        assert_eq!(gap("0 0 3 * * Sun"), Some(Duration::from_secs(7 * 86400)));
+    }
 
     #[test]
     fn cron_needs_seconds() {

@@ -31,7 +31,9 @@ pub struct Report {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SecretStatus {
     pub name: String,
-    /// `ok`, `grace` (old credential still valid), `rotating`, `failed`, `never-rotated`.
+    /// `ok`, `grace` (old credential still valid), `waiting-retire` (in grace, and the
+    /// next scheduled rotation would give the new password to the user still in grace,
+    /// so it waits until `retire_after`), `rotating`, `failed`, `never-rotated`.
     pub state: String,
     pub scheduled: bool,
     pub kind: Option<String>,
@@ -117,8 +119,19 @@ pub fn report_from(
             }
         } else if !current.contains(&n) {
             "never-rotated"
-        } else if retire_pending.is_some() {
-            "grace"
+        } else if let Some(after) = &retire_pending {
+            let until = DateTime::parse_from_rfc3339(after).ok();
+            let waits = sched.is_some_and(|s| {
+                s.target.reuses_slots()
+                    && next_run(s)
+                        .zip(until)
+                        .is_some_and(|(next, until)| next < until)
+            });
+            if waits {
+                "waiting-retire"
+            } else {
+                "grace"
+            }
         } else {
             "ok"
         };
@@ -185,6 +198,15 @@ pub fn print(r: &Report, json: bool, out: &mut impl Write) -> std::io::Result<()
     }
     if let Some(n) = r.unpushed_commits.filter(|n| *n > 0) {
         writeln!(out, "{n} commit(s) not pushed to the store remote yet")?;
+    }
+    for s in r.secrets.iter().filter(|s| s.state == "waiting-retire") {
+        writeln!(
+            out,
+            "{}: waiting-retire: the previous credential is in its grace period until {}; scheduled rotations wait until it is retired then (`rotd retire --force {}` retires it now)",
+            s.name,
+            s.retire_after.as_deref().unwrap_or("-"),
+            s.name
+        )?;
     }
     for e in &r.schedule_errors {
         writeln!(out, "schedule error: {e}")?;

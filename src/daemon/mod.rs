@@ -180,7 +180,9 @@ impl Shared {
         // Every outcome leaves a line in the daemon's log, whoever asked for the
         // rotation: an engine error otherwise reached only a client that may be gone.
         match &result {
-            Ok(o @ (Outcome::Succeeded { .. } | Outcome::Updated { .. })) => {
+            Ok(
+                o @ (Outcome::Succeeded { .. } | Outcome::Updated { .. } | Outcome::Waiting { .. }),
+            ) => {
                 tracing::info!(secret = %name, %trigger, outcome = o.label(), message = %o.message(), "rotation ended")
             }
             Ok(o @ (Outcome::RolledBack { .. } | Outcome::Aborted { .. })) => {
@@ -547,10 +549,12 @@ async fn schedule_task(shared: Arc<Shared>, sched: Schedule, mut at: DateTime<Ut
                 || {
                     let sh = shared.clone();
                     let n = name.clone();
+                    // A run that waits for a retirement is not retried: the
+                    // retire timer and the next fire time take it from there.
                     async move {
                         matches!(
                             sh.rotate(&n, Trigger::Schedule).await,
-                            Ok(Outcome::Succeeded { .. })
+                            Ok(Outcome::Succeeded { .. } | Outcome::Waiting { .. })
                         )
                     }
                 },
@@ -642,7 +646,7 @@ fn reload(shared: &Arc<Shared>, tasks: &mut HashMap<String, JoinHandle<()>>) -> 
 async fn retire(shared: Arc<Shared>) {
     let mut attempt = 0;
     loop {
-        match shared.engine().retire_due().await {
+        match shared.engine().retire_due(None).await {
             Ok(results) => {
                 let failed = results.iter().filter(|(_, r)| r.is_err()).count();
                 if failed == 0 {

@@ -4,7 +4,7 @@
 //!
 //! | step | what happens | a failure here | a crash (SIGKILL) after it |
 //! |---|---|---|---|
-//! | 1 plan | take NAME's lock; roll back any unfinished rotation of NAME; fetch and fast-forward the store; read the current record and the target (nothing is written) | exit 1, nothing changed | nothing changed |
+//! | 1 plan | take NAME's lock; roll back any unfinished rotation of NAME; fetch and fast-forward the store; read the current record and the target (nothing is written, except a due retirement: a previous credential whose grace has passed is retired first, in its own `retired` commit); a rotation that would give the new password to a user still in grace stops here (the slot rule, `waiting-retire`) | exit 1, nothing changed | nothing changed |
 //! | 2 pending | generate the secret (ring), encrypt, commit `secrets/NAME.pending.age` (`Rotd-Step: pending`), push: the push is the compare-and-swap between instances | nothing reached a target; a rejected push drops the local commit (commit, push and drop are one step under the store lock, so no other commit of this host lands on top of it); exit 1; a full disk: exit 1, nothing written | the pending record is in git; no target knows it yet; recovery removes it |
 //! | 3 apply | install on the target so that old AND new are valid (the idle user; a second ES API key). When the TARGET makes the credential (an Elasticsearch API key: id and `api_key` come from the server), `apply` returns it in `Undo::record`; it replaces the pending record and is committed at once as `secrets/NAME.pending.age` again (`Rotd-Step: pending`, `Rotd-Key-Id`), before deliver; the first pending commit holds a generated placeholder and no `key-id` | rollback (the key is invalidated by id); a failed re-commit is a failure here | recovery rolls back: the idle user's previous hash (recorded in the pending record) is restored; the API key is invalidated by the pending record's `key-id`, or, when the crash came between the create and the re-commit, found by its name `rotd-NAME-ROTATION` |
 //! | 4 deliver | consumer files written atomically, reloads run | rollback: files restored byte for byte from memory, reloaded | recovery renders the consumer files again from the current (old) record, removes files only the new one had, reloads |
@@ -15,6 +15,12 @@
 //! A target whose apply REPLACES the old credential (an Elasticsearch native user's
 //! single password) rolls back from the CURRENT record (`rollback` receives it, in
 //! recovery too); its consumers hold the old credential from apply until deliver.
+//!
+//! The slot rule: a target that reuses a slot (the alternating users of
+//! `prometheus-remote-write`) never gets a new password for the user still valid in
+//! its grace period — consumers that have not switched would be cut off. A scheduled
+//! run waits for the retirement ([`Outcome::Waiting`], not retried); a manual one is
+//! refused the same way, pointing at `rotd retire --force NAME` ([`Engine::retire_now`]).
 //!
 //! A manual run may instead update the live credential in place when only settings
 //! changed (an API key's privileges, see `targets::Config::update_in_place`):
@@ -49,6 +55,8 @@ pub enum Error {
     Store(#[from] store::Error),
     #[error(transparent)]
     Random(#[from] secret::RandomError),
+    #[error("cannot retire the previous credential of {name}: {reason}; it stays recorded for retirement; fix the cause and run `rotd retire --force {name}` again")]
+    Retire { name: String, reason: String },
     #[error("internal task failed: {0}")]
     Join(String),
 }
@@ -115,6 +123,18 @@ pub enum Outcome {
     Aborted {
         reason: String,
     },
+    /// Not started because the user that would get the new password still holds the
+    /// previous credential in its grace period (exit 1): giving it a new password
+    /// now would cut off the consumers that have not switched yet. A scheduled run
+    /// waits; a manual one is refused (see [`Engine::rotate`]).
+    Waiting {
+        /// The user still in grace.
+        user: String,
+        /// When its grace ends (`retire-after`).
+        retire_after: String,
+        /// How to go on now (`rotd retire --force NAME`).
+        hint: String,
+    },
     /// Failed and NOT fully rolled back (exit 2): `left` says what a human must do.
     Failed {
         rotation: String,
@@ -131,6 +151,7 @@ impl Outcome {
             Outcome::Updated { .. } => "updated",
             Outcome::RolledBack { .. } => "rolled-back",
             Outcome::Aborted { .. } => "aborted",
+            Outcome::Waiting { .. } => "waiting-retire",
             Outcome::Failed { .. } => "failed",
         }
     }
@@ -149,6 +170,9 @@ impl Outcome {
                 "updated in place, not rotated (rotation {rotation}): {detail}; the secret is unchanged"
             ),
             Outcome::Aborted { reason } => format!("not rotated: {reason}"),
+            Outcome::Waiting { user, retire_after, hint } => format!(
+                "not rotated: user {user} still holds the previous credential until {retire_after} (its grace period), and this rotation would give it the new password, cutting off every consumer that has not switched yet; {hint}"
+            ),
             Outcome::Failed { rotation, reason, left } => format!(
                 "FAILED and NOT fully rolled back (rotation {rotation}): {reason}. Left to do: {left}"
             ),
@@ -158,7 +182,7 @@ impl Outcome {
     pub fn exit_code(&self) -> i32 {
         match self {
             Outcome::Succeeded { .. } | Outcome::Updated { .. } => 0,
-            Outcome::RolledBack { .. } | Outcome::Aborted { .. } => 1,
+            Outcome::RolledBack { .. } | Outcome::Aborted { .. } | Outcome::Waiting { .. } => 1,
             Outcome::Failed { .. } => 2,
         }
     }
@@ -258,6 +282,52 @@ fn register(records: &[Option<&Record>]) -> Vec<redact::Registration> {
         .collect()
 }
 
+/// Whether `rec` names a previous credential whose grace has ended. A `retire-after`
+/// that cannot be read counts as ended: the credential is retired rather than kept
+/// valid forever.
+fn retire_is_due(rec: &Record, now: chrono::DateTime<chrono::Utc>) -> bool {
+    rec.get(key::RETIRE_AFTER).is_some_and(|after| {
+        chrono::DateTime::parse_from_rfc3339(after)
+            .map(|t| t <= now)
+            .unwrap_or(true)
+    })
+}
+
+/// The slot rule: a rotation that would give the new password to the user still
+/// holding the previous credential in its grace period does not run (its consumers
+/// that have not switched yet would be cut off). Only targets that reuse a slot are
+/// concerned — the alternating users of `prometheus-remote-write`; a target that
+/// makes a new credential each time (an API key, `files`) has no username to reuse.
+fn slot_in_grace(
+    name: &str,
+    current: Option<&Record>,
+    plan: &targets::Plan,
+    trigger: &Trigger,
+) -> Option<Outcome> {
+    let cur = current?;
+    let user = plan.username.as_deref()?;
+    if cur.get(key::RETIRE_USERNAME) != Some(user) || cur.username() == Some(user) {
+        return None;
+    }
+    let retire_after = cur.get(key::RETIRE_AFTER)?;
+    if retire_is_due(cur, chrono::Utc::now()) {
+        return None;
+    }
+    let hint = match trigger {
+        Trigger::Schedule => format!(
+            "the scheduled rotation waits: the daemon retires {user} at {retire_after}, and the first scheduled run after that rotates"
+        ),
+        _ => format!(
+            "wait until then and run `rotd retire` (the daemon also retires it by itself) and rotate again, or, once every consumer uses the current credential, retire {user} now with `rotd retire --force {name}` and rotate again"
+        ),
+    };
+    Some(Outcome::Waiting {
+        user: user.to_owned(),
+        retire_after: retire_after.to_owned(),
+        hint,
+    })
+}
+
 /// Drives rotations of the secrets in one configuration.
 pub struct Engine {
     pub config: Arc<Config>,
@@ -342,7 +412,26 @@ impl Engine {
         }
         let store = self.store.clone();
         let n = name.to_owned();
-        let current = blocking(move || store.read(&n, Slot::Current)).await?;
+        let mut current = blocking(move || store.read(&n, Slot::Current)).await?;
+        // A retirement whose grace has passed runs before the rotation, so that the
+        // previous credential is removed (and recorded `retired`) before its slot is
+        // given a new password, and the new record's retire metadata does not
+        // overwrite one still to be carried out.
+        if current
+            .as_ref()
+            .is_some_and(|c| retire_is_due(c, chrono::Utc::now()))
+        {
+            if let Err(e) = self.retire_locked(&sched, &trigger, false).await {
+                return Ok(Outcome::Aborted {
+                    reason: format!(
+                        "the previous credential of {name} is due to be retired before a new one is made, and retiring it failed: {e}; nothing was rotated; fix the target and run `rotd retire` (or rotate again)"
+                    ),
+                });
+            }
+            let store = self.store.clone();
+            let n = name.to_owned();
+            current = blocking(move || store.read(&n, Slot::Current)).await?;
+        }
         let rotation = ulid::Ulid::new().to_string();
 
         // A manual run whose target can apply changed settings to the live
@@ -367,6 +456,15 @@ impl Engine {
                 })
             }
         };
+        if let Some(o) = slot_in_grace(name, current.as_ref(), &plan, &trigger) {
+            if let Outcome::Waiting {
+                user, retire_after, ..
+            } = &o
+            {
+                tracing::info!(secret = name, %trigger, user = %user, retire_after = %retire_after, "rotation waits: the user it would give the new password to is still in its grace period until {retire_after}; it is retired then, and the next run rotates");
+            }
+            return Ok(o);
+        }
         tracing::info!(secret = name, rotation = %rotation, trigger = %trigger, username = ?plan.username, "rotation started");
 
         // 2 pending
@@ -541,7 +639,7 @@ impl Engine {
         // 7 retire (now, when the grace has already passed)
         let mut retired = false;
         if sched.grace == Duration::ZERO && retires {
-            retired = self.retire_locked(&sched).await.is_ok();
+            retired = self.retire_locked(&sched, &trigger, false).await.is_ok();
             steps.mark("retire");
         }
         tracing::info!(secret = name, rotation = %rotation, probe_ms = report.elapsed.as_millis() as u64, %steps, "rotation succeeded");
@@ -892,10 +990,16 @@ impl Engine {
         Ok(())
     }
 
-    /// Carries out every retirement whose grace has passed.
-    pub async fn retire_due(&self) -> Result<Vec<(String, Result<String, String>)>, Error> {
+    /// Carries out every retirement whose grace has passed (of `only`, when given).
+    pub async fn retire_due(
+        &self,
+        only: Option<&str>,
+    ) -> Result<Vec<(String, Result<String, String>)>, Error> {
         let mut out = Vec::new();
         for sched in self.config.schedules.clone() {
+            if only.is_some_and(|n| n != sched.name) {
+                continue;
+            }
             let store = self.store.clone();
             let n = sched.name.clone();
             let lock = match blocking(move || store.lock_secret(&n, false)).await {
@@ -908,24 +1012,57 @@ impl Engine {
             let Some(cur) = blocking(move || store.read(&n, Slot::Current)).await? else {
                 continue;
             };
-            let Some(after) = cur.get(key::RETIRE_AFTER) else {
-                continue;
-            };
-            let due = chrono::DateTime::parse_from_rfc3339(after)
-                .map(|t| t <= chrono::Utc::now())
-                .unwrap_or(true);
-            if !due {
+            if !retire_is_due(&cur, chrono::Utc::now()) {
                 continue;
             }
-            let r = self.retire_locked(&sched).await;
+            let r = self.retire_locked(&sched, &Trigger::Schedule, false).await;
             drop(lock);
             out.push((sched.name.clone(), r));
         }
         Ok(out)
     }
 
-    /// Retires the old credential of `sched` now (caller holds its lock).
-    async fn retire_locked(&self, sched: &Schedule) -> Result<String, String> {
+    /// `rotd retire --force NAME`: retires NAME's previous credential now, before its
+    /// grace ends, so that the next rotation may give its slot a new password. The
+    /// `retired` commit names who asked (`Rotd-Trigger`) and the grace it cut short
+    /// (`Rotd-Forced`). `Ok(None)`: there was nothing to retire.
+    pub async fn retire_now(&self, name: &str, trigger: Trigger) -> Result<Option<String>, Error> {
+        let sched = self.schedule(name)?.clone();
+        let store = self.store.clone();
+        let n = name.to_owned();
+        let _lock = blocking(move || store.lock_secret(&n, true)).await?;
+        if let Some(Outcome::Aborted { reason }) = self.recover_locked(&sched).await? {
+            return Err(Error::Retire {
+                name: name.to_owned(),
+                reason,
+            });
+        }
+        let store = self.store.clone();
+        let n = name.to_owned();
+        let cur = blocking(move || store.read(&n, Slot::Current)).await?;
+        if !cur
+            .as_ref()
+            .is_some_and(|c| c.get(key::RETIRE_AFTER).is_some())
+        {
+            return Ok(None);
+        }
+        self.retire_locked(&sched, &trigger, true)
+            .await
+            .map(Some)
+            .map_err(|reason| Error::Retire {
+                name: name.to_owned(),
+                reason,
+            })
+    }
+
+    /// Retires the old credential of `sched` now (caller holds its lock); `forced`:
+    /// before its grace ended, at an operator's request.
+    async fn retire_locked(
+        &self,
+        sched: &Schedule,
+        trigger: &Trigger,
+        forced: bool,
+    ) -> Result<String, String> {
         let store = self.store.clone();
         let n = sched.name.clone();
         let cur = blocking(move || store.read(&n, Slot::Current))
@@ -949,18 +1086,97 @@ impl Engine {
         let retired = what
             .clone()
             .unwrap_or_else(|| "nothing on the target".into());
-        let msg = Message::new(format!("retire {}: {retired}", sched.name))
+        let subject = if forced {
+            format!(
+                "retire {} (forced, before its grace ended): {retired}",
+                sched.name
+            )
+        } else {
+            format!("retire {}: {retired}", sched.name)
+        };
+        let mut msg = Message::new(subject)
             .trailer("Rotd-Secret", &sched.name)
             .trailer("Rotd-Rotation", &rotation)
             .trailer("Rotd-Step", "retired")
-            .trailer("Rotd-Trigger", "schedule")
+            .trailer("Rotd-Trigger", trigger.to_string())
             .trailer("Rotd-Target", sched.target.describe(Some(&cur)))
             .trailer("Rotd-Retired", &retired);
+        if forced {
+            let until = cur.get(key::RETIRE_AFTER).unwrap_or("unknown");
+            msg = msg.trailer(
+                "Rotd-Forced",
+                format!("retired at {} instead of after {until}", now_rfc3339()),
+            );
+        }
         self.commit_record(&sched.name, Slot::Current, &rec, Vec::new(), msg)
             .await
             .map_err(|e| e.to_string())?;
         self.push_logged().await;
-        tracing::info!(secret = %sched.name, retired = %retired, "old credential retired");
+        tracing::info!(secret = %sched.name, retired = %retired, forced, %trigger, "old credential retired");
         Ok(retired)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn in_grace(until: chrono::DateTime<chrono::Utc>) -> Record {
+        Record::new(Secret::new("current-secret-value".into()))
+            .with(key::USERNAME, "writer-b")
+            .with(key::RETIRE_USERNAME, "writer-a")
+            .with(
+                key::RETIRE_AFTER,
+                until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            )
+    }
+
+    fn plan_for(user: Option<&str>) -> targets::Plan {
+        targets::Plan {
+            username: user.map(str::to_owned),
+            ..targets::Plan::default()
+        }
+    }
+
+    #[test]
+    fn a_rotation_to_the_user_in_grace_waits_and_names_the_way_out() {
+        let later = chrono::Utc::now() + chrono::Duration::hours(1);
+        let cur = in_grace(later);
+        let o = slot_in_grace(
+            "s",
+            Some(&cur),
+            &plan_for(Some("writer-a")),
+            &Trigger::Recovery,
+        )
+        .expect("waits");
+        assert_eq!(o.exit_code(), 1);
+        assert_eq!(o.label(), "waiting-retire");
+        assert!(o.message().contains("writer-a"), "{}", o.message());
+        assert!(
+            o.message().contains("rotd retire --force s"),
+            "{}",
+            o.message()
+        );
+    }
+
+    #[test]
+    fn no_wait_without_a_slot_in_grace() {
+        let now = chrono::Utc::now();
+        let cur = in_grace(now + chrono::Duration::hours(1));
+        // A target without usernames (files, API keys) reuses nothing.
+        assert!(slot_in_grace("s", Some(&cur), &plan_for(None), &Trigger::Schedule).is_none());
+        // The grace has ended: the retirement runs first, then the rotation.
+        let ended = in_grace(now - chrono::Duration::seconds(1));
+        assert!(retire_is_due(&ended, now));
+        assert!(slot_in_grace(
+            "s",
+            Some(&ended),
+            &plan_for(Some("writer-a")),
+            &Trigger::Schedule
+        )
+        .is_none());
+        assert!(
+            slot_in_grace("s", None, &plan_for(Some("writer-a")), &Trigger::Schedule).is_none()
+        );
     }
 }

@@ -206,6 +206,13 @@ pub struct ProbeContext<'a> {
 }
 
 impl Config {
+    /// Whether a rotation gives the new password to a user that an earlier rotation
+    /// used (the alternating users of `prometheus-remote-write`): such a rotation must
+    /// wait while that user is still in its grace period (`rotation::slot_in_grace`).
+    pub fn reuses_slots(&self) -> bool {
+        matches!(self, Config::Prometheus(_))
+    }
+
     pub fn plan(&self, current: Option<&Record>) -> Result<Plan, Error> {
         match self {
             Config::Prometheus(c) => c.plan(current),
