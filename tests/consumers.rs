@@ -205,7 +205,7 @@ fn a_secret_whose_schedule_names_an_undeclared_host_is_not_written_at_all() {
     let before = sgit(&env, &["rev-parse", "HEAD"]);
     let o = env.rotd_stdin(&["import", "s3"], "imported-value-0123456789\n");
     let all = format!("{}{}", stdout(&o), stderr(&o));
-    assert_eq!(o.status.code(), Some(1), "{all}");
+    assert_eq!(o.status.code(), Some(78), "{all}");
     assert!(
         all.contains("lists consumer \"host-z\", which is not a [hosts.host-z]"),
         "{all}"

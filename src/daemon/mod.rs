@@ -780,9 +780,17 @@ fn bind_control(cfg: &Config) -> Result<tokio::net::UnixListener, Error> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
     if let Some(g) = &cfg.daemon.socket_group {
         match nix::unistd::Group::from_name(g) {
-            Ok(Some(group)) => {
-                nix::unistd::chown(path, None, Some(group.gid)).map_err(|e| err(e.into()))?
-            }
+            Ok(Some(group)) => match nix::unistd::chown(path, None, Some(group.gid)) {
+                Ok(()) => {}
+                // Not root and not a member of that group (e.g. a daemon run as its
+                // own user on a host where the package made the `rotd` group): the
+                // socket keeps the daemon's group, which only narrows who may use it.
+                Err(nix::errno::Errno::EPERM) => tracing::warn!(
+                    group = %g,
+                    "cannot give the control socket the group of daemon.socket_group (the daemon is neither root nor a member); it keeps the daemon's group"
+                ),
+                Err(e) => return Err(err(e.into())),
+            },
             _ => {
                 tracing::warn!(group = %g, "daemon.socket_group does not exist; the socket keeps the daemon's group")
             }

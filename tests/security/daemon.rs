@@ -72,11 +72,23 @@ fn start_with(env: &TestEnv, configure: impl FnOnce(&mut std::process::Command))
     let mut cmd = env.cmd(&["run"]);
     cmd.stdout(Stdio::null()).stderr(log);
     configure(&mut cmd);
-    let child = cmd.spawn().unwrap();
+    let mut child = cmd.spawn().unwrap();
     let socket = env.path("rotd.sock");
-    wait_until("the control socket", Duration::from_secs(20), || {
-        UnixStream::connect(&socket).is_ok()
-    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while UnixStream::connect(&socket).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "rotd run exited ({status}) before its control socket appeared:\n{}",
+                daemon_log(env)
+            );
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for the control socket:\n{}",
+            daemon_log(env)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     Daemon {
         child,
         metrics: format!("http://{metrics}"),
