@@ -44,6 +44,8 @@ pub enum Error {
     Daemon(String),
     #[error(transparent)]
     Run(#[from] crate::daemon::Error),
+    #[error(transparent)]
+    Agent(#[from] crate::agent::Error),
 }
 
 impl Error {
@@ -60,6 +62,7 @@ impl Error {
                 | crate::fsutil::Error::NotRegular { .. },
             )) => exit::CONFIG,
             Error::Run(crate::daemon::Error::Config(_)) => exit::CONFIG,
+            Error::Agent(e) => e.exit_code(),
             Error::Rotation(rotation::Error::UnknownSecret(_)) | Error::Usage(_) => exit::USAGE,
             _ => exit::ROLLED_BACK,
         }
@@ -236,6 +239,15 @@ pub async fn run(cli: Cli) -> Result<i32, Error> {
                 accept_unsigned_before,
             };
             verify(&store, &opts, json, out)
+        }
+        // `rotd agent`: its own config file and default path (agent::config).
+        Command::Agent { once } => {
+            let path = cli
+                .config
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(crate::agent::config::DEFAULT_PATH));
+            crate::agent::run(&path, once).await?;
+            Ok(exit::OK)
         }
         Command::Rekey { rotate_removed } => {
             let cfg = Arc::new(if rotate_removed {
