@@ -357,3 +357,89 @@ fn a_pending_rotation_at_head_is_not_delivered() {
     assert!(!log.contains("delivered s1"), "{log}");
     assert_eq!(f.acks().unwrap().0, acks_before, "nothing new acknowledged");
 }
+
+#[test]
+fn a_failed_reload_puts_the_previous_file_back_and_the_new_rotation_is_not_acked() {
+    let f = fleet();
+    f.agent_ok();
+    let before = f.delivered();
+    let old_rotation = f.rotation();
+    // From now on the consumer's reload fails.
+    let cfg = std::fs::read_to_string(&f.agent_config).unwrap();
+    std::fs::write(
+        &f.agent_config,
+        format!("{cfg}reload = {{ exec = [\"false\"] }}\n"),
+    )
+    .unwrap();
+    rotd_ok(&f.env, &["rotate", "s1"]);
+    let o = f.agent_once();
+    let log = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{log}");
+    assert!(log.contains("reload"), "{log}");
+    assert_eq!(f.delivered(), before, "the previous file is back");
+    let (n, msg) = f.acks().unwrap();
+    assert_eq!(n, 1, "no acknowledgement of the new rotation: {msg}");
+    assert!(
+        msg.contains(&format!("Rotd-Ack: s1 {old_rotation}\n")),
+        "{msg}"
+    );
+}
+
+#[test]
+fn an_agent_identity_readable_by_others_is_a_configuration_error() {
+    use std::os::unix::fs::PermissionsExt;
+    let f = fleet();
+    let identity = f.env.path("agent/keys/web-1.agekey");
+    std::fs::set_permissions(&identity, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let o = f.agent_once();
+    assert_eq!(o.status.code(), Some(78), "{}", stderr(&o));
+    assert!(!f.delivered.exists(), "nothing delivered");
+    assert!(f.acks().is_none(), "nothing acknowledged");
+}
+
+#[test]
+fn the_agent_loop_runs_a_pass_on_sighup_and_stops_on_sigterm() {
+    let f = fleet();
+    let cfg = std::fs::read_to_string(&f.agent_config)
+        .unwrap()
+        .replace("poll = \"30s\"", "poll = \"1h\"");
+    std::fs::write(&f.agent_config, cfg).unwrap();
+    let log_path = f.env.path("agent/agent.log");
+    let mut child = Command::new(rotd_bin())
+        .arg("--config")
+        .arg(&f.agent_config)
+        .arg("agent")
+        .env("ROTD_LOG", "trace")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let kill = |sig: &str| {
+        assert!(Command::new("kill")
+            .args([sig, &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success());
+    };
+    wait_until(
+        "the first pass delivers",
+        std::time::Duration::from_secs(30),
+        || f.delivered.exists() && f.acks().is_some(),
+    );
+    rotd_ok(&f.env, &["rotate", "s1"]);
+    let new = format!("{}\n", f.env.show("s1"));
+    assert_ne!(f.delivered(), new);
+    kill("-HUP");
+    wait_until(
+        "SIGHUP runs a pass",
+        std::time::Duration::from_secs(30),
+        || f.delivered() == new && f.acks().map(|a| a.0) == Some(2),
+    );
+    kill("-TERM");
+    let status = child.wait().unwrap();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    f.env.record_text(&log);
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(log.contains("rotd agent stopping"), "{log}");
+}

@@ -332,12 +332,20 @@ pub async fn pass(cfg: &config::Config) -> Result<(), Error> {
             Err((e, snap)) => {
                 failed += 1;
                 tracing::error!(secret = %name, error = %e, "delivering {name} failed; putting the previous files back");
-                if let Err(re) = deliver::restore(&secret.deliver, snap).await {
-                    // What the files hold is not known any more: claim nothing.
-                    tracing::error!(secret = %name, error = %re, "restoring the previous files of {name} failed too; fix them by hand (the next pass delivers again)");
-                    unrestored += 1;
-                    state.remove(&name);
-                    write_state(&state_file, &state)?;
+                match deliver::restore(&secret.deliver, snap).await {
+                    Ok(()) => {}
+                    // The files are back; only telling the program failed again (as
+                    // the reload before it did): the host still holds what it held.
+                    Err(re @ deliver::Error::Reload { .. }) => {
+                        tracing::warn!(secret = %name, error = %re, "the previous files of {name} are back, but reloading after the restore failed too");
+                    }
+                    Err(re) => {
+                        // What the files hold is not known any more: claim nothing.
+                        tracing::error!(secret = %name, error = %re, "restoring the previous files of {name} failed too; fix them by hand (the next pass delivers again)");
+                        unrestored += 1;
+                        state.remove(&name);
+                        write_state(&state_file, &state)?;
+                    }
                 }
             }
         }
