@@ -44,8 +44,6 @@ pub enum Error {
     Daemon(String),
     #[error(transparent)]
     Run(#[from] crate::daemon::Error),
-    #[error(transparent)]
-    Agent(#[from] crate::agent::Error),
 }
 
 impl Error {
@@ -62,7 +60,6 @@ impl Error {
                 | crate::fsutil::Error::NotRegular { .. },
             )) => exit::CONFIG,
             Error::Run(crate::daemon::Error::Config(_)) => exit::CONFIG,
-            Error::Agent(e) => e.exit_code(),
             Error::Rotation(rotation::Error::UnknownSecret(_)) | Error::Usage(_) => exit::USAGE,
             _ => exit::ROLLED_BACK,
         }
@@ -240,14 +237,20 @@ pub async fn run(cli: Cli) -> Result<i32, Error> {
             };
             verify(&store, &opts, json, out)
         }
-        // `rotd agent`: its own config file and default path (agent::config).
+        // `rotd agent`: its own config file and default path, and its own exit codes
+        // (agent::Error::exit_code); the error is printed as main prints the others'.
         Command::Agent { once } => {
             let path = cli
                 .config
                 .clone()
                 .unwrap_or_else(|| PathBuf::from(crate::agent::config::DEFAULT_PATH));
-            crate::agent::run(&path, once).await?;
-            Ok(exit::OK)
+            match crate::agent::run(&path, once).await {
+                Ok(()) => Ok(exit::OK),
+                Err(e) => {
+                    eprintln!("rotd: {e}");
+                    Ok(e.exit_code())
+                }
+            }
         }
         Command::Rekey { rotate_removed } => {
             let cfg = Arc::new(if rotate_removed {
