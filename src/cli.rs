@@ -95,4 +95,11 @@ pub enum Command {
         #[arg(long)]
         rotate_removed: bool,
     },
+    /// On a consumer host: pull this host's secrets from the store remote, deliver them,
+    /// acknowledge (config: --config, default /etc/rotd/agent.toml)
+    Agent {
+        /// Run one pass, then exit
+        #[arg(long)]
+        once: bool,
+    },
 }

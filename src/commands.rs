@@ -237,6 +237,21 @@ pub async fn run(cli: Cli) -> Result<i32, Error> {
             };
             verify(&store, &opts, json, out)
         }
+        // `rotd agent`: its own config file and default path, and its own exit codes
+        // (agent::Error::exit_code); the error is printed as main prints the others'.
+        Command::Agent { once } => {
+            let path = cli
+                .config
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(crate::agent::config::DEFAULT_PATH));
+            match crate::agent::run(&path, once).await {
+                Ok(()) => Ok(exit::OK),
+                Err(e) => {
+                    eprintln!("rotd: {e}");
+                    Ok(e.exit_code())
+                }
+            }
+        }
         Command::Rekey { rotate_removed } => {
             let cfg = Arc::new(if rotate_removed {
                 config::load(&path)?

@@ -271,9 +271,11 @@ pub(crate) struct RawPermission {
     pub(crate) cluster: Option<Spanned<Vec<String>>>,
 }
 
+/// One `[[deliver]]` table as written (a schedule's, or a `[[secret.deliver]]` of
+/// `rotd agent`'s config, which shares the syntax).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawDeliver {
+pub(crate) struct RawDeliver {
     path: Spanned<String>,
     content: Option<Spanned<String>>,
     template: Option<Spanned<PathBuf>>,
@@ -324,7 +326,16 @@ pub(crate) struct Reporter<'a> {
     problems: &'a mut Vec<Problem>,
 }
 
-impl Reporter<'_> {
+impl<'a> Reporter<'a> {
+    /// A reporter for problems of `file`, whose text is `text`.
+    pub(crate) fn new(file: &'a Path, text: &'a str, problems: &'a mut Vec<Problem>) -> Self {
+        Reporter {
+            file,
+            text,
+            problems,
+        }
+    }
+
     fn line_of(&self, offset: usize) -> usize {
         let end = offset.min(self.text.len());
         self.text.as_bytes()[..end]
@@ -361,7 +372,7 @@ impl Reporter<'_> {
     }
 }
 
-fn toml_problem(file: &Path, text: &str, e: &toml::de::Error) -> Problem {
+pub(crate) fn toml_problem(file: &Path, text: &str, e: &toml::de::Error) -> Problem {
     let line = e.span().map(|s| {
         text.as_bytes()[..s.start.min(text.len())]
             .iter()
@@ -1007,7 +1018,10 @@ fn fires_in_window(expr: &str, w: &Window, from: chrono::DateTime<chrono::Utc>) 
     false
 }
 
-fn validate_deliver(d: &Spanned<RawDeliver>, rep: &mut Reporter<'_>) -> Option<deliver::Spec> {
+pub(crate) fn validate_deliver(
+    d: &Spanned<RawDeliver>,
+    rep: &mut Reporter<'_>,
+) -> Option<deliver::Spec> {
     let raw = d.get_ref();
     let before = rep.problems.len();
     let body = match (&raw.content, &raw.template) {

@@ -22,6 +22,7 @@
 //! * [`deliver`] renders consumer files and runs reloads.
 //! * [`secret`] is the redacting [`secret::Secret`] type and the CSPRNG generator.
 //! * [`audit`] is `rotd verify`: signatures, plaintext leaks, trailers, recipients.
+//! * [`agent`] is `rotd agent` on a consumer host: pulls signed store commits, delivers, acknowledges.
 //! * [`history`] reads the audit trail back from git.
 //! * [`signing`] makes and checks the SSH signatures (sshsig) of store commits.
 //! * Leaves used by the layers above: [`http`] (the one HTTP client: no redirect
@@ -31,6 +32,7 @@
 //! Blocking work (git2, age, bcrypt, fsync) runs in `spawn_blocking`; HTTP (probes,
 //! reloads) is async on tokio.
 
+pub mod agent;
 pub mod audit;
 pub mod cli;
 pub mod commands;

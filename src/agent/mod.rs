@@ -1,0 +1,407 @@
+//! `rotd agent`: a consumer host pulls its secrets from the store remote, renders
+//! them into its programs' files, and acknowledges (DESIGN §7).
+//!
+//! The rotator encrypts each secret to the hosts its schedule lists in `consumers`;
+//! on such a host the agent keeps its own clone of the store and, once per pass:
+//!
+//! 1. **sync** — clones (first pass) or fetches the remote and adopts only a
+//!    fast-forward whose every new commit is signed by a key of `allowed_signers`
+//!    (`Store::sync_from_remote`: the store's own trust rule, refusal record and
+//!    log). A refused or unreachable remote fails the pass before anything is
+//!    delivered: the files keep what they hold.
+//! 2. **deliver** — for each `[[secret]]`, reads `secrets/NAME.age` at HEAD (never a
+//!    `.pending.age`: only a succeeded rotation is acted on), decrypts it with the
+//!    host's identity, and when its rotation is not the one this host last delivered
+//!    (`.git/rotd-agent-delivered.json`), renders and writes the files with
+//!    `deliver::deliver` (atomic, modes, owners kept), then reloads. A failed write or
+//!    reload puts the previous files back (`deliver::restore`) and the secret's new
+//!    rotation is not acknowledged.
+//! 3. **acknowledge** — a commit signed with the host's key on `refs/rotd/acks/HOST`
+//!    with one `Rotd-Ack: NAME ROTATION` trailer per secret the host holds, pushed
+//!    without force; skipped when the remote's tip already says exactly that
+//!    ([`ack`]).
+//!
+//! Every step is safe to repeat: a pass that stops anywhere is completed by the next.
+//! `--once` runs one pass; otherwise a pass runs every `poll` (±10 % jitter), at once
+//! on SIGHUP (which also re-reads the configuration, keeping the old one if the new
+//! is invalid), and SIGTERM or SIGINT ends the loop between passes, never inside one.
+//! git, age and fsync run in `spawn_blocking`; reloads are async.
+
+pub mod ack;
+pub mod config;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::deliver;
+use crate::fsutil;
+use crate::signing::{AllowedSigners, Signer};
+use crate::store::{self, record::key, Record, Slot, Store};
+
+/// Where the agent remembers, per secret, what it delivered last (in the clone's git
+/// directory: never pushed, never in the work tree).
+const STATE_FILE: &str = "rotd-agent-delivered.json";
+
+/// An agent pass, or its set-up, failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] crate::config::Error),
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    #[error("cannot load the host's signing key: {0}; check store.signing_key of the agent configuration (an unencrypted OpenSSH ed25519 key, mode 0600)")]
+    SigningKey(#[source] crate::signing::Error),
+    #[error("cannot prepare the agent's clone of the store at {path}: {source}; check that the directory is writable by this user")]
+    Clone {
+        path: PathBuf,
+        #[source]
+        source: git2::Error,
+    },
+    #[error("cannot create {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the store remote {0} cannot be reached; nothing was delivered, the next pass tries again"
+    )]
+    Unreachable(String),
+    #[error("{failed} of the secrets could not be delivered (see the log above); their files are as before, and their new rotation is not acknowledged")]
+    Delivery { failed: usize },
+    #[error("{0} of the secrets could not be delivered and their previous files could not be put back (see the log above); fix those files by hand, the next pass delivers again")]
+    NotRestored(usize),
+    #[error(transparent)]
+    Ack(#[from] ack::Error),
+    #[error("cannot record what was delivered in {path}: {source}; the next pass delivers again")]
+    State {
+        path: PathBuf,
+        #[source]
+        source: fsutil::Error,
+    },
+    #[error("cannot set up signal handling: {0}")]
+    Signals(#[source] std::io::Error),
+    #[error("a blocking task of the agent failed: {0}")]
+    Task(String),
+}
+
+impl Error {
+    /// Exit code (DESIGN §2): 78 when the configuration or a key file is wrong, 1 when
+    /// a pass failed safely, 2 when a consumer's previous files could not be put back.
+    pub fn exit_code(&self) -> i32 {
+        use crate::commands::exit;
+        match self {
+            Error::Config(_) | Error::SigningKey(_) => exit::CONFIG,
+            Error::Store(store::Error::Crypto(_) | store::Error::Signing(_))
+            | Error::Store(store::Error::File(
+                fsutil::Error::TooOpen { .. }
+                | fsutil::Error::NotOwner { .. }
+                | fsutil::Error::NotRegular { .. },
+            )) => exit::CONFIG,
+            Error::NotRestored(_) => exit::NOT_ROLLED_BACK,
+            _ => exit::ROLLED_BACK,
+        }
+    }
+
+    /// A problem the next pass cannot fix by itself (the loop stops on it).
+    fn is_config(&self) -> bool {
+        self.exit_code() == crate::commands::exit::CONFIG
+    }
+}
+
+/// Runs the agent with the config at `path`: one pass with `once`, else until SIGTERM.
+pub async fn run(path: &Path, once: bool) -> Result<(), Error> {
+    let mut cfg = config::load(path)?;
+    if once {
+        return pass(&cfg).await;
+    }
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).map_err(Error::Signals)?;
+    let mut term = signal(SignalKind::terminate()).map_err(Error::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
+    tracing::info!(host = %cfg.host, poll = ?cfg.store.poll, "rotd agent started");
+    loop {
+        // Signals that arrive during a pass wait here: a pass is never cut short.
+        match pass(&cfg).await {
+            Ok(()) => {}
+            Err(e) if e.is_config() => return Err(e),
+            Err(e) => tracing::error!(error = %e, "agent pass failed; retrying at the next poll"),
+        }
+        let wait = jittered(cfg.store.poll);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: re-reading the configuration and running a pass now");
+                match config::load(path) {
+                    Ok(c) => cfg = c,
+                    Err(e) => tracing::error!(error = %e, "the new agent configuration is invalid; keeping the running one"),
+                }
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    tracing::info!("rotd agent stopping");
+    Ok(())
+}
+
+/// `poll` ±10 %.
+fn jittered(poll: Duration) -> Duration {
+    use ring::rand::{SecureRandom, SystemRandom};
+    let mut b = [0u8; 2];
+    let r = match SystemRandom::new().fill(&mut b) {
+        Ok(()) => f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX),
+        Err(_) => 0.5,
+    };
+    poll.mul_f64(0.9 + 0.2 * r)
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Task(e.to_string()))?
+}
+
+/// The `config::Store` of the agent's clone: it trusts `allowed_signers` only (no
+/// signing key of its own: the host's key signs acknowledgements, never store
+/// commits) and never encrypts, so it needs no recipients or hosts.
+fn store_config(cfg: &config::Config) -> crate::config::Store {
+    let s = &cfg.store;
+    crate::config::Store {
+        path: s.path.clone(),
+        remote: Some(s.remote.clone()),
+        branch: s.branch.clone(),
+        identity: s.identity.clone(),
+        recipients: None,
+        signing_key: None,
+        allowed_signers: Some(s.allowed_signers.clone()),
+        remote_ssh_key: s.remote_ssh_key.clone(),
+        remote_token_file: None,
+        author_name: cfg.host.clone(),
+        author_email: format!("rotd-agent@{}", cfg.host),
+        hosts: BTreeMap::new(),
+        schedules: s.path.join(".git").join("rotd-agent-no-schedules"),
+    }
+}
+
+/// Makes the clone's repository (empty, with `origin`) when it does not exist yet;
+/// the first sync then adopts the remote's history under the trust rule.
+fn prepare_clone(cfg: &crate::config::Store) -> Result<(), Error> {
+    use std::os::unix::fs::DirBuilderExt;
+    let clone_err = |source| Error::Clone {
+        path: cfg.path.clone(),
+        source,
+    };
+    let url = cfg.remote.as_deref().unwrap_or_default();
+    if !cfg.path.join(".git").is_dir() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&cfg.path)
+            .map_err(|source| Error::Dir {
+                path: cfg.path.clone(),
+                source,
+            })?;
+        let mut opts = git2::RepositoryInitOptions::new();
+        opts.initial_head(&cfg.branch);
+        let repo = git2::Repository::init_opts(&cfg.path, &opts).map_err(clone_err)?;
+        repo.remote("origin", url).map_err(clone_err)?;
+        tracing::info!(path = %cfg.path.display(), "created the agent's clone of the store");
+        return Ok(());
+    }
+    let repo = git2::Repository::open(&cfg.path).map_err(clone_err)?;
+    match repo.find_remote("origin") {
+        Ok(r) if r.url() == Some(url) => {}
+        Ok(_) => repo.remote_set_url("origin", url).map_err(clone_err)?,
+        Err(_) => {
+            repo.remote("origin", url).map_err(clone_err)?;
+        }
+    }
+    Ok(())
+}
+
+/// What the agent delivered last: secret name → rotation (or, for a record without
+/// one, `fingerprint:` its keyed hash).
+type Delivered = BTreeMap<String, String>;
+
+fn state_path(cfg: &config::Config) -> PathBuf {
+    cfg.store.path.join(".git").join(STATE_FILE)
+}
+
+fn read_state(path: &Path) -> Delivered {
+    match fsutil::read_optional(path) {
+        Ok(Some(bytes)) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            tracing::warn!(path = %path.display(), error = %e, "the agent's delivery record is damaged; delivering every secret again");
+            Delivered::new()
+        }),
+        Ok(None) => Delivered::new(),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read the agent's delivery record; delivering every secret again");
+            Delivered::new()
+        }
+    }
+}
+
+fn write_state(path: &Path, state: &Delivered) -> Result<(), Error> {
+    let bytes = serde_json::to_vec_pretty(state).expect("a map of strings serializes");
+    fsutil::write_atomic(path, &bytes, 0o600).map_err(|source| Error::State {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// What identifies the value a record holds: its rotation id, or (a record made
+/// without one, e.g. imported) a keyed fingerprint that is never acknowledged.
+fn version_of(store: &Store, name: &str, rec: &Record) -> (String, bool) {
+    match rec.get(key::ROTATION) {
+        Some(r) if !r.is_empty() => (r.to_owned(), true),
+        _ => (
+            format!("fingerprint:{}", store.fingerprint(name, &rec.secret)),
+            false,
+        ),
+    }
+}
+
+/// One pass: sync, deliver, acknowledge.
+pub async fn pass(cfg: &config::Config) -> Result<(), Error> {
+    let scfg = store_config(cfg);
+    // 1. sync (and read every record at the adopted HEAD).
+    let names: Vec<String> = cfg.secrets.iter().map(|s| s.name.clone()).collect();
+    let (store, records) = blocking(move || {
+        prepare_clone(&scfg)?;
+        let store = Store::open(&scfg)?;
+        if !store.sync_from_remote()? {
+            return Err(Error::Unreachable(scfg.remote.clone().unwrap_or_default()));
+        }
+        let records: Vec<(String, Result<Option<Record>, store::Error>)> = names
+            .into_iter()
+            .map(|n| {
+                let r = store.read(&n, Slot::Current);
+                (n, r)
+            })
+            .collect();
+        Ok((Arc::new(store), records))
+    })
+    .await?;
+
+    // 2. deliver.
+    let state_file = state_path(cfg);
+    let mut state = read_state(&state_file);
+    let mut failed = 0;
+    let mut unrestored = 0;
+    for (secret, (name, rec)) in cfg.secrets.iter().zip(records) {
+        let rec = match rec {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                tracing::warn!(secret = %name, "{name} is not in the store yet (no succeeded rotation): nothing to deliver");
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(secret = %name, error = %e, "cannot read {name} from the store");
+                failed += 1;
+                continue;
+            }
+        };
+        let (version, _) = version_of(&store, &name, &rec);
+        if state.get(&name) == Some(&version) {
+            tracing::debug!(secret = %name, "already delivered");
+            continue;
+        }
+        let encoded = rec
+            .key_id()
+            .map(|id| crate::targets::elasticsearch::encoded(id, &rec.secret));
+        let rotation = rec.get(key::ROTATION).unwrap_or("");
+        let vars = deliver::Vars {
+            secret: &rec.secret,
+            username: rec.username(),
+            key_id: rec.key_id(),
+            encoded: encoded.as_ref(),
+            name: &name,
+            rotation_id: rotation,
+        };
+        match deliver::deliver(&secret.deliver, &vars).await {
+            Ok(_) => {
+                tracing::info!(secret = %name, rotation = %version, "delivered {name} rotation {version}");
+                state.insert(name.clone(), version);
+                write_state(&state_file, &state)?;
+            }
+            Err((e, snap)) => {
+                failed += 1;
+                tracing::error!(secret = %name, error = %e, "delivering {name} failed; putting the previous files back");
+                match deliver::restore(&secret.deliver, snap).await {
+                    Ok(()) => {}
+                    // The files are back; only telling the program failed again (as
+                    // the reload before it did): the host still holds what it held.
+                    Err(re @ deliver::Error::Reload { .. }) => {
+                        tracing::warn!(secret = %name, error = %re, "the previous files of {name} are back, but reloading after the restore failed too");
+                    }
+                    Err(re) => {
+                        // What the files hold is not known any more: claim nothing.
+                        tracing::error!(secret = %name, error = %re, "restoring the previous files of {name} failed too; fix them by hand (the next pass delivers again)");
+                        unrestored += 1;
+                        state.remove(&name);
+                        write_state(&state_file, &state)?;
+                    }
+                }
+            }
+        }
+    }
+
+    // 3. acknowledge what this host holds.
+    let held: ack::Held = cfg
+        .secrets
+        .iter()
+        .filter_map(|s| state.get(&s.name).map(|v| (s.name.clone(), v.clone())))
+        .filter(|(_, v)| !v.starts_with("fingerprint:"))
+        .collect();
+    let host = cfg.host.clone();
+    let key = cfg.store.signing_key.clone();
+    let ssh_key = cfg.store.remote_ssh_key.clone();
+    let st = Arc::clone(&store);
+    blocking(move || acknowledge(&st, &host, &key, ssh_key, &held)).await?;
+    if unrestored > 0 {
+        return Err(Error::NotRestored(unrestored));
+    }
+    if failed > 0 {
+        return Err(Error::Delivery { failed });
+    }
+    Ok(())
+}
+
+/// Step 3: commits and pushes an acknowledgement of `held` unless the remote's tip of
+/// this host already states it.
+fn acknowledge(
+    store: &Store,
+    host: &str,
+    key: &Path,
+    ssh_key: Option<PathBuf>,
+    held: &ack::Held,
+) -> Result<(), Error> {
+    let signer = Signer::from_file(key).map_err(Error::SigningKey)?;
+    let own = AllowedSigners::parse(&format!(
+        "rotd-agent@{host} {}\n",
+        signer.public_key_openssh()
+    ))
+    .map_err(Error::SigningKey)?;
+    let repo = store.repo()?;
+    let remote = ack::Remote { host, ssh_key };
+    let tip = remote.fetch_tip(&repo)?;
+    if let Some(t) = tip {
+        if ack::acknowledged(&repo, t, &own).as_ref() == Some(held) {
+            tracing::debug!(host, "the remote already holds this acknowledgement");
+            return Ok(());
+        }
+    }
+    if held.is_empty() && tip.is_none() {
+        return Ok(()); // nothing held, nothing acknowledged before: nothing to say
+    }
+    let oid = ack::commit(&repo, &remote, tip, held, &signer)?;
+    remote.push(&repo)?;
+    let list: Vec<String> = held.iter().map(|(n, r)| format!("{n} {r}")).collect();
+    tracing::info!(host, commit = %oid, acks = ?list, "acknowledged");
+    Ok(())
+}

@@ -1,0 +1,445 @@
+//! `rotd agent` (DESIGN §7): a consumer host pulls its secrets from the store remote,
+//! delivers them and acknowledges on `refs/rotd/acks/HOST`. Real git (a bare remote),
+//! the real rotd binary as rotator and as agent, stock `age-keygen` / `ssh-keygen`,
+//! and `git verify-commit` to check the acknowledgements.
+
+mod util;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use util::*;
+
+const HOST: &str = "web-1";
+const ACKS: &str = "refs/rotd/acks/web-1";
+
+fn rotd_ok(env: &TestEnv, args: &[&str]) -> String {
+    let o = env.rotd(args);
+    assert!(
+        o.status.success(),
+        "rotd {args:?} failed ({:?}):\n{}\n{}",
+        o.status.code(),
+        stdout(&o),
+        stderr(&o)
+    );
+    stdout(&o)
+}
+
+/// An OpenSSH ed25519 key made by the stock `ssh-keygen`; returns its public line.
+fn ssh_key(path: &Path) -> String {
+    let o = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "test", "-f"])
+        .arg(path)
+        .output()
+        .expect("ssh-keygen (apt-get install openssh-client)");
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::read_to_string(format!("{}.pub", path.display()))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+/// An age identity made by the stock `age-keygen`; returns its public key.
+fn age_key(path: &Path) -> String {
+    let o = Command::new("age-keygen")
+        .arg("-o")
+        .arg(path)
+        .output()
+        .expect("age-keygen (apt-get install age)");
+    assert!(o.status.success(), "{}", stderr(&o));
+    String::from_utf8_lossy(&o.stderr)
+        .trim()
+        .trim_start_matches("Public key: ")
+        .to_owned()
+}
+
+/// A signing rotator with host web-1 consuming `s1` (a `files` secret), rotated once,
+/// and web-1's agent config (`agent/agent.toml`, delivering to `agent/out/s1.txt`).
+struct Fleet {
+    env: TestEnv,
+    agent_config: PathBuf,
+    delivered: PathBuf,
+    /// `ssh-ed25519 …` of web-1's signing key.
+    host_signer: String,
+    host_recipient: String,
+}
+
+fn fleet() -> Fleet {
+    let env = TestEnv::uninitialised();
+    let rotator = ssh_key(&env.path("keys/signing"));
+    std::fs::write(
+        env.path("keys/allowed_signers"),
+        format!("rotd@localhost {rotator}\n"),
+    )
+    .unwrap();
+    let cfg = std::fs::read_to_string(&env.config).unwrap().replacen(
+        "\n\n[daemon]",
+        "\nsigning_key = \"keys/signing\"\nallowed_signers = \"keys/allowed_signers\"\n\n[daemon]",
+        1,
+    );
+    std::fs::create_dir_all(env.path("agent/keys")).unwrap();
+    let host_recipient = age_key(&env.path("agent/keys/web-1.agekey"));
+    let host_signer = ssh_key(&env.path("agent/keys/web-1.sign"));
+    std::fs::write(
+        &env.config,
+        format!(
+            "{cfg}\n[hosts.{HOST}]\nrecipient = \"{host_recipient}\"\nsigner = \"{host_signer}\"\n"
+        ),
+    )
+    .unwrap();
+    rotd_ok(&env, &["init"]);
+    std::fs::create_dir_all(env.path("out")).unwrap();
+    env.write_schedule(
+        "s1",
+        &format!(
+            "name = \"s1\"\nschedule = \"0 0 4 * * *\"\ngrace = \"0s\"\nconsumers = [\"{HOST}\"]\nack_timeout = \"2h\"\n[target]\nkind = \"files\"\n[[deliver]]\npath = \"{}/s1.txt\"\ncontent = \"{{{{secret}}}}\\n\"\n",
+            env.path("out").display()
+        ),
+    );
+    rotd_ok(&env, &["check"]);
+    rotd_ok(&env, &["rotate", "s1"]);
+    let delivered = env.path("agent/out/s1.txt");
+    env.allow_holder(&delivered);
+    let agent_config = env.path("agent/agent.toml");
+    std::fs::write(
+        &agent_config,
+        format!(
+            "host = \"{HOST}\"\n[store]\nremote = \"{}\"\npath = \"store\"\nidentity = \"keys/web-1.agekey\"\nsigning_key = \"keys/web-1.sign\"\nallowed_signers = \"{}\"\npoll = \"30s\"\n[[secret]]\nname = \"s1\"\n[[secret.deliver]]\npath = \"{}\"\ncontent = \"{{{{secret}}}}\\n\"\nmode = \"0640\"\n",
+            env.remote.display(),
+            env.path("keys/allowed_signers").display(),
+            delivered.display()
+        ),
+    )
+    .unwrap();
+    Fleet {
+        env,
+        agent_config,
+        delivered,
+        host_signer,
+        host_recipient,
+    }
+}
+
+impl Fleet {
+    /// `rotd agent --once` with web-1's config; its output is leak-checked.
+    fn agent_once(&self) -> Output {
+        let mut c = Command::new(rotd_bin());
+        c.arg("--config")
+            .arg(&self.agent_config)
+            .args(["agent", "--once"])
+            .env("ROTD_LOG", "trace");
+        self.env.run(&mut c)
+    }
+
+    fn agent_ok(&self) -> String {
+        let o = self.agent_once();
+        assert!(
+            o.status.success(),
+            "rotd agent --once failed ({:?}):\n{}",
+            o.status.code(),
+            stderr(&o)
+        );
+        stderr(&o)
+    }
+
+    fn delivered(&self) -> String {
+        std::fs::read_to_string(&self.delivered).unwrap()
+    }
+
+    /// The rotation id of s1's current record at the rotator's HEAD.
+    fn rotation(&self) -> String {
+        let bytes = std::fs::read(self.env.store.join("secrets/s1.age")).unwrap();
+        let plain = self.env.age_plaintext(&bytes);
+        plain
+            .lines()
+            .find_map(|l| l.strip_prefix("rotation: "))
+            .expect("a rotated record names its rotation")
+            .trim()
+            .to_owned()
+    }
+
+    /// (number of ack commits, message of the tip) on the remote; None without acks.
+    fn acks(&self) -> Option<(usize, String)> {
+        let count = git(&self.env.remote, &["rev-list", "--count", ACKS]);
+        if !count.status.success() {
+            return None;
+        }
+        let n = stdout(&count).trim().parse().unwrap();
+        let msg = stdout(&git(&self.env.remote, &["log", "-1", "--format=%B", ACKS]));
+        Some((n, msg))
+    }
+
+    /// `git verify-commit` of the remote's ack tip, with only web-1's key allowed.
+    fn verify_ack_tip(&self) -> Output {
+        let allowed = self.env.path("agent/acks_allowed_signers");
+        std::fs::write(
+            &allowed,
+            format!("rotd-agent@{HOST} {}\n", self.host_signer),
+        )
+        .unwrap();
+        Command::new("git")
+            .arg("-C")
+            .arg(&self.env.remote)
+            .args(["-c", "gpg.format=ssh", "-c"])
+            .arg(format!("gpg.ssh.allowedSignersFile={}", allowed.display()))
+            .args(["verify-commit", ACKS])
+            .output()
+            .unwrap()
+    }
+}
+
+#[test]
+fn agent_once_delivers_the_current_secret_and_pushes_a_signed_ack_of_its_rotation() {
+    let f = fleet();
+    let log = f.agent_ok();
+    let secret = f.env.show("s1");
+    assert_eq!(f.delivered(), format!("{secret}\n"));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&f.delivered)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o640, "the deliver mode is applied");
+    let rotation = f.rotation();
+    assert!(
+        log.contains(&format!("delivered s1 rotation {rotation}")),
+        "{log}"
+    );
+    assert!(log.contains("acknowledged"), "{log}");
+    let (n, msg) = f.acks().expect("refs/rotd/acks/web-1 exists on the remote");
+    assert_eq!(n, 1);
+    let trailers: Vec<&str> = msg.lines().filter(|l| l.starts_with("Rotd-Ack:")).collect();
+    assert_eq!(
+        trailers,
+        [format!("Rotd-Ack: s1 {rotation}").as_str()],
+        "{msg}"
+    );
+    let v = f.verify_ack_tip();
+    assert!(v.status.success(), "git verify-commit: {}", stderr(&v));
+    assert!(
+        stderr(&v).contains("Good \"git\" signature"),
+        "{}",
+        stderr(&v)
+    );
+}
+
+#[test]
+fn a_pass_with_nothing_new_makes_no_new_ack_and_a_new_rotation_is_acked_on_top() {
+    let f = fleet();
+    f.agent_ok();
+    let first = stdout(&git(&f.env.remote, &["rev-parse", ACKS]));
+    f.agent_ok();
+    assert_eq!(stdout(&git(&f.env.remote, &["rev-parse", ACKS])), first);
+    assert_eq!(f.acks().unwrap().0, 1, "no new ack commit");
+
+    rotd_ok(&f.env, &["rotate", "s1"]);
+    let log = f.agent_ok();
+    let rotation = f.rotation();
+    assert!(
+        log.contains(&format!("delivered s1 rotation {rotation}")),
+        "{log}"
+    );
+    assert_eq!(f.delivered(), format!("{}\n", f.env.show("s1")));
+    let (n, msg) = f.acks().unwrap();
+    assert_eq!(n, 2, "the new ack's parent is the previous one");
+    let parent = stdout(&git(&f.env.remote, &["rev-parse", &format!("{ACKS}^")]));
+    assert_eq!(parent, first);
+    assert!(msg.contains(&format!("Rotd-Ack: s1 {rotation}\n")), "{msg}");
+    assert!(f.verify_ack_tip().status.success());
+}
+
+/// `plaintext` encrypted with the stock `age` CLI to `recipient`.
+fn age_encrypt(recipient: &str, plaintext: &str) -> Vec<u8> {
+    use std::io::Write;
+    let mut child = Command::new("age")
+        .args(["-a", "-r", recipient])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("age (apt-get install age)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(plaintext.as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    o.stdout
+}
+
+#[test]
+fn an_unsigned_commit_on_the_remote_is_refused_and_nothing_new_is_delivered() {
+    let f = fleet();
+    f.agent_ok();
+    let good = f.delivered();
+    let ack_before = stdout(&git(&f.env.remote, &["rev-parse", ACKS]));
+
+    // An attacker with push access replaces s1 with a value encrypted to web-1.
+    let work = tempfile::tempdir().unwrap();
+    let clone = work.path().join("attacker");
+    let o = Command::new("git")
+        .args(["clone", "-q"])
+        .arg(&f.env.remote)
+        .arg(&clone)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::write(
+        clone.join("secrets/s1.age"),
+        age_encrypt(
+            &f.host_recipient,
+            "FORGED-attacker-value-0123456789\nrotation: 01FORGED0000000000000000\n",
+        ),
+    )
+    .unwrap();
+    let o = git(
+        &clone,
+        &[
+            "-c",
+            "user.name=rotd",
+            "-c",
+            "user.email=rotd@localhost",
+            "commit",
+            "-q",
+            "--no-gpg-sign",
+            "-am",
+            "rotate s1: succeeded",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let forged = stdout(&git(&clone, &["rev-parse", "HEAD"]))
+        .trim()
+        .to_owned();
+    assert!(git(&clone, &["push", "-q", "origin", "HEAD:main"])
+        .status
+        .success());
+
+    let o = f.agent_once();
+    let log = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("refused") && log.contains(&forged[..12]),
+        "{log}"
+    );
+    assert_eq!(f.delivered(), good, "nothing new delivered");
+    assert!(!f.delivered().contains("FORGED"));
+    assert_eq!(
+        stdout(&git(&f.env.remote, &["rev-parse", ACKS])),
+        ack_before,
+        "no ack of the forgery"
+    );
+    let clone_head = stdout(&git(&f.env.path("agent/store"), &["rev-parse", "HEAD"]));
+    assert_ne!(clone_head.trim(), forged, "the agent's clone stays");
+}
+
+#[test]
+fn a_pending_rotation_at_head_is_not_delivered() {
+    let f = fleet();
+    f.agent_ok();
+    let before = f.delivered();
+    let (acks_before, _) = f.acks().unwrap();
+    // The rotator dies right after pushing the pending commit of the next rotation.
+    let o = f.env.run(
+        f.env
+            .cmd(&["rotate", "s1"])
+            .env("ROTD_FAULT_KILL_AFTER", "pending"),
+    );
+    assert!(!o.status.success(), "the rotator was to be killed");
+    let tree = stdout(&git(
+        &f.env.remote,
+        &["ls-tree", "--name-only", "main", "secrets/"],
+    ));
+    assert!(tree.contains("secrets/s1.pending.age"), "{tree}");
+
+    let log = f.agent_ok();
+    assert_eq!(f.delivered(), before, "a pending record is never delivered");
+    assert!(!log.contains("delivered s1"), "{log}");
+    assert_eq!(f.acks().unwrap().0, acks_before, "nothing new acknowledged");
+}
+
+#[test]
+fn a_failed_reload_puts_the_previous_file_back_and_the_new_rotation_is_not_acked() {
+    let f = fleet();
+    f.agent_ok();
+    let before = f.delivered();
+    let old_rotation = f.rotation();
+    // From now on the consumer's reload fails.
+    let cfg = std::fs::read_to_string(&f.agent_config).unwrap();
+    std::fs::write(
+        &f.agent_config,
+        format!("{cfg}reload = {{ exec = [\"false\"] }}\n"),
+    )
+    .unwrap();
+    rotd_ok(&f.env, &["rotate", "s1"]);
+    let o = f.agent_once();
+    let log = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{log}");
+    assert!(log.contains("reload"), "{log}");
+    assert_eq!(f.delivered(), before, "the previous file is back");
+    let (n, msg) = f.acks().unwrap();
+    assert_eq!(n, 1, "no acknowledgement of the new rotation: {msg}");
+    assert!(
+        msg.contains(&format!("Rotd-Ack: s1 {old_rotation}\n")),
+        "{msg}"
+    );
+}
+
+#[test]
+fn an_agent_identity_readable_by_others_is_a_configuration_error() {
+    use std::os::unix::fs::PermissionsExt;
+    let f = fleet();
+    let identity = f.env.path("agent/keys/web-1.agekey");
+    std::fs::set_permissions(&identity, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let o = f.agent_once();
+    assert_eq!(o.status.code(), Some(78), "{}", stderr(&o));
+    assert!(!f.delivered.exists(), "nothing delivered");
+    assert!(f.acks().is_none(), "nothing acknowledged");
+}
+
+#[test]
+fn the_agent_loop_runs_a_pass_on_sighup_and_stops_on_sigterm() {
+    let f = fleet();
+    let cfg = std::fs::read_to_string(&f.agent_config)
+        .unwrap()
+        .replace("poll = \"30s\"", "poll = \"1h\"");
+    std::fs::write(&f.agent_config, cfg).unwrap();
+    let log_path = f.env.path("agent/agent.log");
+    let mut child = Command::new(rotd_bin())
+        .arg("--config")
+        .arg(&f.agent_config)
+        .arg("agent")
+        .env("ROTD_LOG", "trace")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let kill = |sig: &str| {
+        assert!(Command::new("kill")
+            .args([sig, &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success());
+    };
+    wait_until(
+        "the first pass delivers",
+        std::time::Duration::from_secs(30),
+        || f.delivered.exists() && f.acks().is_some(),
+    );
+    rotd_ok(&f.env, &["rotate", "s1"]);
+    let new = format!("{}\n", f.env.show("s1"));
+    assert_ne!(f.delivered(), new);
+    kill("-HUP");
+    wait_until(
+        "SIGHUP runs a pass",
+        std::time::Duration::from_secs(30),
+        || f.delivered() == new && f.acks().map(|a| a.0) == Some(2),
+    );
+    kill("-TERM");
+    let status = child.wait().unwrap();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    f.env.record_text(&log);
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(log.contains("rotd agent stopping"), "{log}");
+}
