@@ -16,7 +16,10 @@ for f in ./usr/bin/rotd ./usr/lib/systemd/system/rotd.service ./etc/rotd/rotd.to
 done
 info=$(dpkg-deb -I "$deb")
 grep -q "Package: rotd" <<<"$info" || fail "no Package field"
-dpkg-deb --ctrl-tarfile "$deb" | tar -t | grep -q conffiles || fail "no conffiles"
+# Not `grep -q` on the pipe: it exits at the first match, tar then dies of SIGPIPE and
+# pipefail turns a found conffile into a failure (seen in CI).
+ctrl=$(dpkg-deb --ctrl-tarfile "$deb" | tar -t)
+grep -q conffiles <<<"$ctrl" || fail "no conffiles"
 dpkg-deb -e "$deb" /tmp/rotd-deb-control.$$ && grep -qx /etc/rotd/rotd.toml /tmp/rotd-deb-control.$$/conffiles || fail "rotd.toml is not a conffile"
 rm -rf /tmp/rotd-deb-control.$$
 
