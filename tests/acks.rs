@@ -277,3 +277,52 @@ fn emergency_rotation_retires_at_once_and_records_the_cut_off_hosts() {
     assert!(!web.contains("writer-a:"), "{web}");
     assert_eq!(state(&env)["state"], "ok");
 }
+
+#[test]
+fn lagging_consumers_fire_their_alert_after_an_hour_and_a_waiting_rotation_is_no_failure() {
+    let env = TestEnv::new();
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/rotd-alerts.yml");
+    let test = env.path("alerts-test.yml");
+    std::fs::write(
+        &test,
+        format!(
+            r#"rule_files:
+  - {}
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'rotd_consumers_lagging{{secret="s"}}'
+        values: '2x120'
+      - series: 'rotd_consumers_lagging{{secret="acked"}}'
+        values: '0x120'
+      - series: 'rotd_rotations_total{{secret="s",outcome="waiting-acks"}}'
+        values: '0+1x120'
+    alert_rule_test:
+      - eval_time: 30m
+        alertname: RotdConsumersLagging
+        exp_alerts: []
+      - eval_time: 90m
+        alertname: RotdConsumersLagging
+        exp_alerts:
+          - exp_labels:
+              severity: warning
+              secret: s
+            exp_annotations:
+              summary: '2 consumer host(s) of s have not acknowledged its current rotation'
+              description: 'The old credential of s is kept until they do. `rotd status` names the hosts; check their `rotd agent`, or cut them off with `rotd retire --force s`.'
+      - eval_time: 90m
+        alertname: RotdRotationFailing
+        exp_alerts: []
+"#,
+            rules.display()
+        ),
+    )
+    .unwrap();
+    let o = Command::new("promtool")
+        .args(["test", "rules"])
+        .arg(&test)
+        .output()
+        .expect("promtool (apt-get install prometheus)");
+    assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
+}
