@@ -10,7 +10,7 @@
 //! | 4 deliver | consumer files written atomically, reloads run | rollback: files restored byte for byte from memory, reloaded | recovery renders the consumer files again from the current (old) record, removes files only the new one had, reloads |
 //! | 5 probe | prove data flows with the NEW credential | rollback | as 4 |
 //! | 6 commit | `secrets/NAME.age` := new record (with what to retire and when), pending removed, `Rotd-Step: succeeded`, push | exit 2 if the commit itself fails, e.g. a full disk (the new credential is live and recorded as pending; the next run rolls it back; tests/faults.rs) | the commit is atomic: either still pending (recovery rolls back) or succeeded |
-//! | 7 retire | after `grace`: old credential removed from the target, `Rotd-Step: retired` | left for `rotd retire`/the daemon; status shows it | retire runs again (idempotent) |
+//! | 7 retire | after `grace` AND, for a secret with `consumers`, once every consumer host has acknowledged the current rotation (a signed `Rotd-Ack` on `refs/rotd/acks/HOST`, see `store::acks`): old credential removed from the target, `Rotd-Step: retired` | left for `rotd retire`/the daemon; status shows it (`waiting-acks` while hosts lag) | retire runs again (idempotent) |
 //!
 //! A target whose apply REPLACES the old credential (an Elasticsearch native user's
 //! single password) rolls back from the CURRENT record (`rollback` receives it, in
@@ -21,6 +21,13 @@
 //! its grace period — consumers that have not switched would be cut off. A scheduled
 //! run waits for the retirement ([`Outcome::Waiting`], not retried); a manual one is
 //! refused the same way, pointing at `rotd retire --force NAME` ([`Engine::retire_now`]).
+//!
+//! The ack gate: while consumer hosts lag, the old credential is still in use, so it is
+//! not retired and the next rotation of the secret waits ([`Outcome::Waiting`] with
+//! `lagging`, label `waiting-acks`). The overrides are the operator's, recorded:
+//! `rotd retire --force NAME` ([`Engine::retire_now`]) and `rotd rotate --emergency
+//! NAME` ([`Engine::rotate_emergency`]: `Rotd-Emergency: yes`, retired at once); both
+//! name the hosts they cut off (`Rotd-Lagging`).
 //!
 //! A manual run may instead update the live credential in place when only settings
 //! changed (an API key's privileges, see `targets::Config::update_in_place`):
@@ -739,14 +746,21 @@ impl Engine {
                 .is_ok();
             steps.mark("retire");
         } else if sched.grace == Duration::ZERO && retires {
-            let lagging = self.lagging_now(&sched, &new_current).await?;
-            if lagging.is_empty() {
-                retired = self
-                    .retire_locked(&sched, &trigger, Retire::Due)
-                    .await
-                    .is_ok();
-            } else {
-                tracing::info!(secret = name, rotation = %rotation, lagging = %lagging.join(", "), "the old credential is kept until every consumer acknowledges this rotation (waiting-acks)");
+            // The rotation has succeeded: an unreadable ack ref keeps the old
+            // credential (retired later), it never fails the rotation.
+            match self.lagging_now(&sched, &new_current).await {
+                Ok(lagging) if lagging.is_empty() => {
+                    retired = self
+                        .retire_locked(&sched, &trigger, Retire::Due)
+                        .await
+                        .is_ok();
+                }
+                Ok(lagging) => {
+                    tracing::info!(secret = name, rotation = %rotation, lagging = %lagging.join(", "), "the old credential is kept until every consumer acknowledges this rotation (waiting-acks)");
+                }
+                Err(e) => {
+                    tracing::warn!(secret = name, rotation = %rotation, error = %e, "cannot read the consumers' acknowledgements; the old credential is kept and retired by a later pass");
+                }
             }
             steps.mark("retire");
         }
