@@ -157,10 +157,15 @@ fn accepted(
             ))
         }
         Err(e) => {
+            // The error may quote the signature's namespace: a peer's text.
+            let why: String = crate::redact::peer_text(&e.to_string(), 300)
+                .chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect();
             return Err(format!(
-                "the tip of {refname} ({oid}) is not signed by hosts.{}.signer: {e}",
+                "the tip of {refname} ({oid}) is not signed by hosts.{}.signer: {why}",
                 host.name
-            ))
+            ));
         }
     }
     let commit = repo
