@@ -326,3 +326,56 @@ tests:
         .expect("promtool (apt-get install prometheus)");
     assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
 }
+
+struct Daemon(std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_daemon_exports_how_many_consumers_lag() {
+    let env = TestEnv::new();
+    let (_setup, k1, _k2) = setup(&env);
+    rotd_ok(&env, &["rotate", NAME]);
+    push_ack(&env, "h1", Some(&k1), &current_rotation(&env));
+    rotd_ok(&env, &["retire"]); // fetches the acks into the store
+    let port = free_port();
+    let cfg = std::fs::read_to_string(&env.config).unwrap().replace(
+        "[daemon]\n",
+        &format!("[daemon]\nmetrics = \"127.0.0.1:{port}\"\n"),
+    );
+    std::fs::write(&env.config, cfg).unwrap();
+    let log = std::fs::File::create(env.path("daemon.log")).unwrap();
+    let _d = Daemon(
+        env.cmd(&["run"])
+            .env("ROTD_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let want = format!("rotd_consumers_lagging{{secret=\"{NAME}\"}} 1");
+    let mut text = String::new();
+    wait_until(
+        "the lagging gauge",
+        std::time::Duration::from_secs(20),
+        || {
+            text = reqwest::blocking::get(format!("http://127.0.0.1:{port}/metrics"))
+                .and_then(|r| r.text())
+                .unwrap_or_default();
+            text.contains(&want)
+        },
+    );
+    assert!(
+        text.contains("# TYPE rotd_consumers_lagging gauge"),
+        "{text}"
+    );
+    let s = state(&env);
+    assert_eq!(s["state"], "waiting-acks", "{s}");
+    assert_eq!(s["lagging"], serde_json::json!(["h2"]), "{s}");
+    env.record_text(&std::fs::read_to_string(env.path("daemon.log")).unwrap());
+}
