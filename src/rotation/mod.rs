@@ -446,8 +446,10 @@ impl Engine {
     /// `rotd rotate --emergency NAME` (a leak): rotates, and once the new credential
     /// is proven retires the old one at once, whatever its grace and the consumers'
     /// acknowledgements (laggards are cut off by design). A previous credential still
-    /// waiting for retirement is retired first. Every commit of it carries
-    /// `Rotd-Emergency: yes`; the retirement names the laggards (`Rotd-Lagging`).
+    /// waiting for retirement is retired first. Its `succeeded` and `retired` commits
+    /// carry `Rotd-Emergency: yes`; a retirement names the laggards (`Rotd-Lagging`).
+    /// When the old credential cannot be retired, the outcome is
+    /// [`Outcome::Failed`] (exit 2): the leaked credential is still valid.
     pub async fn rotate_emergency(&self, name: &str, trigger: Trigger) -> Result<Outcome, Error> {
         self.rotate_with(name, trigger, true).await
     }
@@ -531,7 +533,8 @@ impl Engine {
         // A manual run whose target can apply changed settings to the live
         // credential (an ES API key's privileges) does that instead of rotating;
         // a scheduled run always rotates (the new credential gets the settings too).
-        if !matches!(trigger, Trigger::Schedule) {
+        // An emergency always makes a new credential: the current one has leaked.
+        if !matches!(trigger, Trigger::Schedule) && !emergency {
             if let Some(cur) = &current {
                 if let Some(o) = self
                     .update_in_place(&sched, cur, &rotation, &trigger)
@@ -740,10 +743,17 @@ impl Engine {
         // it has no consumers; or at once in an emergency)
         let mut retired = false;
         if emergency && retires {
-            retired = self
+            if let Err(e) = self
                 .retire_locked(&sched, &trigger, Retire::Emergency)
                 .await
-                .is_ok();
+            {
+                return Ok(Outcome::Failed {
+                    rotation,
+                    reason: format!("the new credential is live, but the old (leaked) one could not be retired: {e}"),
+                    left: format!("the old credential is still valid on the target; fix the cause and run `rotd retire --force {name}`"),
+                });
+            }
+            retired = true;
             steps.mark("retire");
         } else if sched.grace == Duration::ZERO && retires {
             // The rotation has succeeded: an unreadable ack ref keeps the old
