@@ -40,6 +40,11 @@ pub enum Command {
         /// Print the plan and touch nothing
         #[arg(long)]
         dry_run: bool,
+        /// A leak: rotate NAME and, once the new credential is proven, retire the old
+        /// one at once, whatever its grace and the consumers' acknowledgements
+        /// (laggards are cut off); recorded with `Rotd-Emergency: yes`
+        #[arg(long, conflicts_with_all = ["all", "dry_run"], requires = "names", num_args = 0)]
+        emergency: bool,
     },
     /// Per secret: state, last rotation, age, next run, last error
     Status {

@@ -140,7 +140,24 @@ pub async fn run(cli: Cli) -> Result<i32, Error> {
             names,
             all,
             dry_run,
+            emergency,
         } => {
+            if emergency {
+                let cfg = Arc::new(config::load(&path)?);
+                let [n] = names.as_slice() else {
+                    return Err(Error::Usage(
+                        "--emergency rotates one secret at a time: name exactly one (`rotd rotate --emergency NAME`)".into(),
+                    ));
+                };
+                let n = n.clone();
+                if cfg.schedule(&n).is_none() {
+                    return Err(rotation::Error::UnknownSecret(n).into());
+                }
+                let engine = Engine::new(cfg.clone(), open(&cfg).await?);
+                let outcome = engine.rotate_emergency(&n, Trigger::manual_here()).await?;
+                writeln!(out, "{n}: {} (emergency)", outcome.message())?;
+                return Ok(outcome.exit_code());
+            }
             if !dry_run {
                 let base = config::load_store_only(&path)?;
                 let req = Request::Rotate {
@@ -203,6 +220,10 @@ pub async fn run(cli: Cli) -> Result<i32, Error> {
             }
             let cfg = config::load(&path)?;
             let store = open(&cfg).await?;
+            if cfg.schedules.iter().any(|s| !s.consumers.is_empty()) {
+                // What the consumers acknowledged lives on the remote (one fetch).
+                store.fetch_acks()?;
+            }
             status(&cfg, &store, json, out)
         }
         Command::History {
@@ -325,10 +346,13 @@ pub async fn run(cli: Cli) -> Result<i32, Error> {
             engine.recover_all().await?;
             let mut code = exit::OK;
             let due = engine.retire_due(name.as_deref()).await?;
-            if let (Some(n), true) = (&name, due.is_empty()) {
+            for (n, lagging) in &due.waiting {
+                writeln!(out, "{n}: not retired: waiting for the acknowledgements of host(s) {} (`rotd status` shows them; `rotd retire --force {n}` retires it now, cutting them off)", lagging.join(", "))?;
+            }
+            if let (Some(n), true) = (&name, due.done.is_empty() && due.waiting.is_empty()) {
                 writeln!(out, "{n}: nothing due for retirement (`rotd status` shows a grace in progress; `rotd retire --force {n}` retires it now)")?;
             }
-            for (name, r) in due {
+            for (name, r) in due.done {
                 match r {
                     Ok(what) => writeln!(out, "{name}: retired {what}")?,
                     Err(e) => {

@@ -17,6 +17,7 @@ pub const PENDING_RETIREMENTS: &str = "rotd_pending_retirements";
 pub const SCHEDULE_ERRORS: &str = "rotd_schedule_errors";
 pub const RELOADS_TOTAL: &str = "rotd_schedule_reloads_total";
 pub const REMOTE_REFUSED: &str = "rotd_remote_refused";
+pub const CONSUMERS_LAGGING: &str = "rotd_consumers_lagging";
 
 /// Histogram buckets of a rotation's duration (seconds).
 const BUCKETS: &[f64] = &[
@@ -49,6 +50,9 @@ pub struct SecretGauges {
     pub last_success: Option<i64>,
     pub age: Option<i64>,
     pub next_rotation: Option<i64>,
+    /// Consumer hosts that have not acknowledged the current rotation while the old
+    /// credential waits (None: the secret has no consumers).
+    pub consumers_lagging: Option<usize>,
 }
 
 /// Gauge values read at scrape time.
@@ -178,6 +182,17 @@ impl Metrics {
         }
         head(
             &mut out,
+            CONSUMERS_LAGGING,
+            "gauge",
+            "Consumer hosts that have not acknowledged the current rotation; the old credential is kept for them (waiting-acks).",
+        );
+        for (s, sg) in &g.secrets {
+            if let Some(n) = sg.consumers_lagging {
+                let _ = writeln!(out, "{CONSUMERS_LAGGING}{{secret=\"{}\"}} {n}", esc(s));
+            }
+        }
+        head(
+            &mut out,
             PENDING_RETIREMENTS,
             "gauge",
             "Old credentials still valid, waiting for their grace to pass.",
@@ -230,6 +245,7 @@ mod tests {
             last_success: Some(100),
             age: Some(5),
             next_rotation: Some(200),
+            consumers_lagging: None,
         };
         g.secrets.insert("a".into(), sg);
         let text = m.render(&g);
@@ -241,5 +257,25 @@ mod tests {
         assert!(text.contains("rotd_remote_refused 0"));
         g.remote_refused = true;
         assert!(m.render(&g).contains("rotd_remote_refused 1"));
+    }
+
+    #[test]
+    fn consumers_lagging_is_set_only_for_secrets_with_consumers() {
+        let m = Metrics::default();
+        let mut g = Gauges::default();
+        let with = |n| SecretGauges {
+            last_success: None,
+            age: None,
+            next_rotation: None,
+            consumers_lagging: n,
+        };
+        g.secrets.insert("shared".into(), with(Some(2)));
+        g.secrets.insert("acked".into(), with(Some(0)));
+        g.secrets.insert("local".into(), with(None));
+        let text = m.render(&g);
+        assert!(text.contains("# TYPE rotd_consumers_lagging gauge"));
+        assert!(text.contains("rotd_consumers_lagging{secret=\"shared\"} 2"));
+        assert!(text.contains("rotd_consumers_lagging{secret=\"acked\"} 0"));
+        assert!(!text.contains("rotd_consumers_lagging{secret=\"local\"}"));
     }
 }

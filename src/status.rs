@@ -33,7 +33,9 @@ pub struct SecretStatus {
     pub name: String,
     /// `ok`, `grace` (old credential still valid), `waiting-retire` (in grace, and the
     /// next scheduled rotation would give the new password to the user still in grace,
-    /// so it waits until `retire_after`), `rotating`, `failed`, `never-rotated`.
+    /// so it waits until `retire_after`), `waiting-acks` (the old credential is kept,
+    /// and the next rotation waits, until every host of `lagging` acknowledges the
+    /// current rotation), `rotating`, `failed`, `never-rotated`.
     pub state: String,
     pub scheduled: bool,
     pub kind: Option<String>,
@@ -44,6 +46,14 @@ pub struct SecretStatus {
     pub next_run: Option<String>,
     pub last_error: Option<String>,
     pub retire_after: Option<String>,
+    /// Consumer hosts that have not acknowledged the current rotation while its old
+    /// credential waits for retirement (`waiting-acks`, since `retire_after`).
+    #[serde(default)]
+    pub lagging: Vec<String>,
+    /// True once `ack_timeout` has passed since the current rotation with hosts still
+    /// in `lagging`.
+    #[serde(default)]
+    pub ack_overdue: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -89,6 +99,21 @@ pub fn report_from(
         }
     }
     let now = Utc::now();
+    // Each consumer host's accepted acks, read once (quietly: the retirement pass is
+    // what warns about a refused ack).
+    let hosts: Vec<&crate::config::Host> = cfg
+        .schedules
+        .iter()
+        .flat_map(|s| &s.consumers)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .filter_map(|h| cfg.store.hosts.get(h))
+        .collect();
+    let acks = if hosts.is_empty() {
+        Default::default()
+    } else {
+        store.read_acks(hosts, false)?
+    };
     let mut rows = Vec::new();
     for n in names {
         let mine: &[&history::Entry] = by_secret.get(n.as_str()).map(Vec::as_slice).unwrap_or(&[]);
@@ -111,6 +136,20 @@ pub fn report_from(
             .find(|e| e.step.as_deref() == Some("succeeded"))
             .and_then(|e| e.retire_after.clone());
         let sched = cfg.schedule(&n);
+        let rotation = made
+            .and_then(|e| e.rotation.as_deref())
+            .unwrap_or("unknown");
+        let lagging = match (sched, &retire_pending) {
+            (Some(s), Some(_)) if !pending.contains(&n) => {
+                acks.lagging(&s.consumers, &s.name, rotation)
+            }
+            _ => Vec::new(),
+        };
+        let ack_overdue = !lagging.is_empty()
+            && sched.zip(made).is_some_and(|(s, e)| {
+                let timeout = i64::try_from(s.ack_timeout.as_secs()).unwrap_or(i64::MAX);
+                now.timestamp().saturating_sub(e.timestamp) >= timeout
+            });
         let state = if pending.contains(&n) {
             if last.and_then(|e| e.step.as_deref()) == Some("failed") {
                 "failed"
@@ -119,6 +158,8 @@ pub fn report_from(
             }
         } else if !current.contains(&n) {
             "never-rotated"
+        } else if !lagging.is_empty() {
+            "waiting-acks"
         } else if let Some(after) = &retire_pending {
             let until = DateTime::parse_from_rfc3339(after).ok();
             let waits = sched.is_some_and(|s| {
@@ -151,6 +192,8 @@ pub fn report_from(
             next_run: sched.and_then(&next_run).map(rfc3339),
             last_error,
             retire_after: retire_pending,
+            lagging,
+            ack_overdue,
         });
     }
     Ok(Report {
@@ -205,6 +248,18 @@ pub fn print(r: &Report, json: bool, out: &mut impl Write) -> std::io::Result<()
             "{}: waiting-retire: the previous credential is in its grace period until {}; scheduled rotations wait until it is retired then (`rotd retire --force {}` retires it now)",
             s.name,
             s.retire_after.as_deref().unwrap_or("-"),
+            s.name
+        )?;
+    }
+    for s in r.secrets.iter().filter(|s| s.state == "waiting-acks") {
+        writeln!(
+            out,
+            "{}: waiting-acks: host(s) {} have not acknowledged the current rotation{}; the old credential stays valid for them (its grace ends or ended at {}) and the next rotation waits; `rotd retire --force {}` or `rotd rotate --emergency {}` cuts them off",
+            s.name,
+            s.lagging.join(", "),
+            if s.ack_overdue { " within ack_timeout (OVERDUE)" } else { "" },
+            s.retire_after.as_deref().unwrap_or("-"),
+            s.name,
             s.name
         )?;
     }

@@ -408,7 +408,7 @@ fn shipped_alerting_rules_pass_promtool() {
         .expect("promtool (apt-get install prometheus)");
     assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
     assert!(
-        stdout(&o).contains("SUCCESS: 5 rules found"),
+        stdout(&o).contains("SUCCESS: 6 rules found"),
         "{}",
         stdout(&o)
     );

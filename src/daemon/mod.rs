@@ -295,6 +295,12 @@ impl Shared {
                         last_success: unix(&s.last_success),
                         age: s.age_seconds,
                         next_rotation: unix(&s.next_run),
+                        consumers_lagging: self
+                            .engine()
+                            .config
+                            .schedule(&s.name)
+                            .filter(|c| !c.consumers.is_empty())
+                            .map(|_| s.lagging.len()),
                     },
                 );
                 if s.retire_after.is_some() {
@@ -643,12 +649,39 @@ fn reload(shared: &Arc<Shared>, tasks: &mut HashMap<String, JoinHandle<()>>) -> 
     format!("{n} schedule(s) loaded, {errors} error(s)")
 }
 
+/// How often a retirement that waits for consumers' acknowledgements looks again.
+const ACK_POLL: Duration = Duration::from_secs(30);
+
+/// Set while one task polls for acknowledgements (retirement passes start it).
+static ACK_POLLING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Runs a retirement pass every [`ACK_POLL`] while some secret is `waiting-acks`: an
+/// agent's ack arrives on the remote, and nothing else tells the daemon.
+async fn poll_acks(shared: Arc<Shared>) {
+    loop {
+        tokio::time::sleep(ACK_POLL).await;
+        if shared.stopping.load(Ordering::SeqCst) {
+            break;
+        }
+        match shared.engine().retire_due(None).await {
+            Ok(r) if r.waiting.is_empty() => break,
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "retirement pass failed; trying again"),
+        }
+    }
+    ACK_POLLING.store(false, Ordering::SeqCst);
+}
+
 async fn retire(shared: Arc<Shared>) {
     let mut attempt = 0;
     loop {
         match shared.engine().retire_due(None).await {
             Ok(results) => {
-                let failed = results.iter().filter(|(_, r)| r.is_err()).count();
+                let failed = results.done.iter().filter(|(_, r)| r.is_err()).count();
+                if !results.waiting.is_empty() && !ACK_POLLING.swap(true, Ordering::SeqCst) {
+                    let sh = shared.clone();
+                    tokio::spawn(async move { poll_acks(sh).await });
+                }
                 if failed == 0 {
                     return;
                 }

@@ -10,7 +10,7 @@
 //! | 4 deliver | consumer files written atomically, reloads run | rollback: files restored byte for byte from memory, reloaded | recovery renders the consumer files again from the current (old) record, removes files only the new one had, reloads |
 //! | 5 probe | prove data flows with the NEW credential | rollback | as 4 |
 //! | 6 commit | `secrets/NAME.age` := new record (with what to retire and when), pending removed, `Rotd-Step: succeeded`, push | exit 2 if the commit itself fails, e.g. a full disk (the new credential is live and recorded as pending; the next run rolls it back; tests/faults.rs) | the commit is atomic: either still pending (recovery rolls back) or succeeded |
-//! | 7 retire | after `grace`: old credential removed from the target, `Rotd-Step: retired` | left for `rotd retire`/the daemon; status shows it | retire runs again (idempotent) |
+//! | 7 retire | after `grace` AND, for a secret with `consumers`, once every consumer host has acknowledged the current rotation (a signed `Rotd-Ack` on `refs/rotd/acks/HOST`, see `store::acks`): old credential removed from the target, `Rotd-Step: retired` | left for `rotd retire`/the daemon; status shows it (`waiting-acks` while hosts lag) | retire runs again (idempotent) |
 //!
 //! A target whose apply REPLACES the old credential (an Elasticsearch native user's
 //! single password) rolls back from the CURRENT record (`rollback` receives it, in
@@ -21,6 +21,13 @@
 //! its grace period — consumers that have not switched would be cut off. A scheduled
 //! run waits for the retirement ([`Outcome::Waiting`], not retried); a manual one is
 //! refused the same way, pointing at `rotd retire --force NAME` ([`Engine::retire_now`]).
+//!
+//! The ack gate: while consumer hosts lag, the old credential is still in use, so it is
+//! not retired and the next rotation of the secret waits ([`Outcome::Waiting`] with
+//! `lagging`, label `waiting-acks`). The overrides are the operator's, recorded:
+//! `rotd retire --force NAME` ([`Engine::retire_now`]) and `rotd rotate --emergency
+//! NAME` ([`Engine::rotate_emergency`]: `Rotd-Emergency: yes`, retired at once); both
+//! name the hosts they cut off (`Rotd-Lagging`).
 //!
 //! A manual run may instead update the live credential in place when only settings
 //! changed (an API key's privileges, see `targets::Config::update_in_place`):
@@ -38,10 +45,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{Config, Schedule};
+use crate::config::{Config, Host, Schedule};
 use crate::deliver::{self, Vars};
 use crate::redact;
 use crate::secret::{self, Secret};
+use crate::store::acks::Acks;
 use crate::store::record::key;
 use crate::store::{self, rel_path, Change, Message, Push, Record, Slot, Store};
 use crate::targets;
@@ -134,6 +142,9 @@ pub enum Outcome {
         retire_after: String,
         /// How to go on now (`rotd retire --force NAME`).
         hint: String,
+        /// The consumer hosts that have not acknowledged the current rotation
+        /// (`waiting-acks`); empty when only the grace holds the slot.
+        lagging: Vec<String>,
     },
     /// Failed and NOT fully rolled back (exit 2): `left` says what a human must do.
     Failed {
@@ -151,6 +162,7 @@ impl Outcome {
             Outcome::Updated { .. } => "updated",
             Outcome::RolledBack { .. } => "rolled-back",
             Outcome::Aborted { .. } => "aborted",
+            Outcome::Waiting { lagging, .. } if !lagging.is_empty() => "waiting-acks",
             Outcome::Waiting { .. } => "waiting-retire",
             Outcome::Failed { .. } => "failed",
         }
@@ -170,7 +182,11 @@ impl Outcome {
                 "updated in place, not rotated (rotation {rotation}): {detail}; the secret is unchanged"
             ),
             Outcome::Aborted { reason } => format!("not rotated: {reason}"),
-            Outcome::Waiting { user, retire_after, hint } => format!(
+            Outcome::Waiting { user, retire_after, hint, lagging } if !lagging.is_empty() => format!(
+                "not rotated: the previous credential ({user}) is still in use until every consumer acknowledges the current rotation, and host(s) {} have not (its grace ended at {retire_after}); {hint}",
+                lagging.join(", ")
+            ),
+            Outcome::Waiting { user, retire_after, hint, .. } => format!(
                 "not rotated: user {user} still holds the previous credential until {retire_after} (its grace period), and this rotation would give it the new password, cutting off every consumer that has not switched yet; {hint}"
             ),
             Outcome::Failed { rotation, reason, left } => format!(
@@ -325,7 +341,41 @@ fn slot_in_grace(
         user: user.to_owned(),
         retire_after: retire_after.to_owned(),
         hint,
+        lagging: Vec::new(),
     })
+}
+
+/// Why an old credential is retired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retire {
+    /// Its grace has passed and every consumer acknowledged the current rotation.
+    Due,
+    /// `rotd retire --force NAME`: now, whatever the grace and the acks.
+    Forced,
+    /// `rotd rotate --emergency NAME`: at once, laggards cut off.
+    Emergency,
+}
+
+/// What a retirement pass did ([`Engine::retire_due`]).
+#[derive(Debug, Default)]
+pub struct Retirements {
+    /// Retirements carried out (or failed), by secret.
+    pub done: Vec<(String, Result<String, String>)>,
+    /// Secrets due by their grace whose consumers have not all acknowledged the
+    /// current rotation, with the lagging hosts (`waiting-acks`).
+    pub waiting: Vec<(String, Vec<String>)>,
+}
+
+/// The rotation a record belongs to (what a consumer's `Rotd-Ack` names).
+fn rotation_of(rec: &Record) -> &str {
+    rec.get(key::ROTATION).unwrap_or("unknown")
+}
+
+/// When a record's credential was made.
+fn created_at(rec: &Record) -> Option<chrono::DateTime<chrono::Utc>> {
+    rec.get(key::CREATED)
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&chrono::Utc))
 }
 
 /// Drives rotations of the secrets in one configuration.
@@ -390,6 +440,26 @@ impl Engine {
 
     /// Rotates one secret now.
     pub async fn rotate(&self, name: &str, trigger: Trigger) -> Result<Outcome, Error> {
+        self.rotate_with(name, trigger, false).await
+    }
+
+    /// `rotd rotate --emergency NAME` (a leak): rotates, and once the new credential
+    /// is proven retires the old one at once, whatever its grace and the consumers'
+    /// acknowledgements (laggards are cut off by design). A previous credential still
+    /// waiting for retirement is retired first. Its `succeeded` and `retired` commits
+    /// carry `Rotd-Emergency: yes`; a retirement names the laggards (`Rotd-Lagging`).
+    /// When the old credential cannot be retired, the outcome is
+    /// [`Outcome::Failed`] (exit 2): the leaked credential is still valid.
+    pub async fn rotate_emergency(&self, name: &str, trigger: Trigger) -> Result<Outcome, Error> {
+        self.rotate_with(name, trigger, true).await
+    }
+
+    async fn rotate_with(
+        &self,
+        name: &str,
+        trigger: Trigger,
+        emergency: bool,
+    ) -> Result<Outcome, Error> {
         let sched = self.schedule(name)?.clone();
         let mut steps = Steps::new();
         let store = self.store.clone();
@@ -416,12 +486,38 @@ impl Engine {
         // A retirement whose grace has passed runs before the rotation, so that the
         // previous credential is removed (and recorded `retired`) before its slot is
         // given a new password, and the new record's retire metadata does not
-        // overwrite one still to be carried out.
-        if current
-            .as_ref()
-            .is_some_and(|c| retire_is_due(c, chrono::Utc::now()))
-        {
-            if let Err(e) = self.retire_locked(&sched, &trigger, false).await {
+        // overwrite one still to be carried out. With consumers, it also waits for
+        // their acknowledgements: until every consumer has acknowledged the current
+        // rotation the previous credential is still in use, so the rotation waits
+        // (`waiting-acks`). An emergency retires whatever is pending, now.
+        let pending_retire = current.as_ref().and_then(|c| {
+            let due = retire_is_due(c, chrono::Utc::now());
+            let pending = c.get(key::RETIRE_AFTER).is_some();
+            (due || (emergency && pending)).then(|| c.clone())
+        });
+        if let Some(cur) = pending_retire {
+            let how = if emergency {
+                Retire::Emergency
+            } else {
+                let lagging = self.lagging_now(&sched, &cur).await?;
+                if !lagging.is_empty() {
+                    let retire_after = cur.get(key::RETIRE_AFTER).unwrap_or("-").to_owned();
+                    let user = cur
+                        .get(key::RETIRE_USERNAME)
+                        .or(cur.get(key::RETIRE_KEY_ID))
+                        .unwrap_or("-")
+                        .to_owned();
+                    tracing::info!(secret = name, %trigger, lagging = %lagging.join(", "), "rotation waits: consumer hosts have not acknowledged the current rotation, so the previous credential is still in use");
+                    return Ok(Outcome::Waiting {
+                        user,
+                        retire_after,
+                        hint: format!("the old credential is retired (and the next rotation runs) once they have; `rotd retire --force {name}` retires it now, or `rotd rotate --emergency {name}` rotates and cuts them off"),
+                        lagging,
+                    });
+                }
+                Retire::Due
+            };
+            if let Err(e) = self.retire_locked(&sched, &trigger, how).await {
                 return Ok(Outcome::Aborted {
                     reason: format!(
                         "the previous credential of {name} is due to be retired before a new one is made, and retiring it failed: {e}; nothing was rotated; fix the target and run `rotd retire` (or rotate again)"
@@ -437,7 +533,8 @@ impl Engine {
         // A manual run whose target can apply changed settings to the live
         // credential (an ES API key's privileges) does that instead of rotating;
         // a scheduled run always rotates (the new credential gets the settings too).
-        if !matches!(trigger, Trigger::Schedule) {
+        // An emergency always makes a new credential: the current one has leaked.
+        if !matches!(trigger, Trigger::Schedule) && !emergency {
             if let Some(cur) = &current {
                 if let Some(o) = self
                     .update_in_place(&sched, cur, &rotation, &trigger)
@@ -456,7 +553,9 @@ impl Engine {
                 })
             }
         };
-        if let Some(o) = slot_in_grace(name, current.as_ref(), &plan, &trigger) {
+        if let Some(o) =
+            slot_in_grace(name, current.as_ref(), &plan, &trigger).filter(|_| !emergency)
+        {
             if let Outcome::Waiting {
                 user, retire_after, ..
             } = &o
@@ -616,6 +715,9 @@ impl Engine {
         let mut msg = Self::message(&sched, "succeeded", &rotation, &trigger, Some(&new_current))
             .trailer("Rotd-Fingerprint", &fp)
             .trailer("Rotd-Probe", probe_trailer);
+        if emergency {
+            msg = msg.trailer("Rotd-Emergency", "yes");
+        }
         if retires {
             msg = msg.trailer("Rotd-Retire-After", &retire_after_s);
         }
@@ -636,10 +738,40 @@ impl Engine {
         self.push_logged().await;
         steps.mark("push");
 
-        // 7 retire (now, when the grace has already passed)
+        // 7 retire (now, when the grace has already passed and no consumer can still
+        // hold the old credential — none has acknowledged a rotation this young, unless
+        // it has no consumers; or at once in an emergency)
         let mut retired = false;
-        if sched.grace == Duration::ZERO && retires {
-            retired = self.retire_locked(&sched, &trigger, false).await.is_ok();
+        if emergency && retires {
+            if let Err(e) = self
+                .retire_locked(&sched, &trigger, Retire::Emergency)
+                .await
+            {
+                return Ok(Outcome::Failed {
+                    rotation,
+                    reason: format!("the new credential is live, but the old (leaked) one could not be retired: {e}"),
+                    left: format!("the old credential is still valid on the target; fix the cause and run `rotd retire --force {name}`"),
+                });
+            }
+            retired = true;
+            steps.mark("retire");
+        } else if sched.grace == Duration::ZERO && retires {
+            // The rotation has succeeded: an unreadable ack ref keeps the old
+            // credential (retired later), it never fails the rotation.
+            match self.lagging_now(&sched, &new_current).await {
+                Ok(lagging) if lagging.is_empty() => {
+                    retired = self
+                        .retire_locked(&sched, &trigger, Retire::Due)
+                        .await
+                        .is_ok();
+                }
+                Ok(lagging) => {
+                    tracing::info!(secret = name, rotation = %rotation, lagging = %lagging.join(", "), "the old credential is kept until every consumer acknowledges this rotation (waiting-acks)");
+                }
+                Err(e) => {
+                    tracing::warn!(secret = name, rotation = %rotation, error = %e, "cannot read the consumers' acknowledgements; the old credential is kept and retired by a later pass");
+                }
+            }
             steps.mark("retire");
         }
         tracing::info!(secret = name, rotation = %rotation, probe_ms = report.elapsed.as_millis() as u64, %steps, "rotation succeeded");
@@ -990,13 +1122,22 @@ impl Engine {
         Ok(())
     }
 
-    /// Carries out every retirement whose grace has passed (of `only`, when given).
-    pub async fn retire_due(
-        &self,
-        only: Option<&str>,
-    ) -> Result<Vec<(String, Result<String, String>)>, Error> {
-        let mut out = Vec::new();
-        for sched in self.config.schedules.clone() {
+    /// Carries out every retirement whose grace has passed (of `only`, when given)
+    /// and whose consumers have all acknowledged the current rotation. The consumers'
+    /// acks are fetched once and read once for the whole pass; a secret still waiting
+    /// for some is left (listed in [`Retirements::waiting`]) and, after its
+    /// `ack_timeout`, its laggards are reported at WARN.
+    pub async fn retire_due(&self, only: Option<&str>) -> Result<Retirements, Error> {
+        let mut out = Retirements::default();
+        let scheds: Vec<Schedule> = self
+            .config
+            .schedules
+            .iter()
+            .filter(|s| only.map_or(true, |n| n == s.name))
+            .cloned()
+            .collect();
+        let acks = self.acks_for(&scheds, true).await?;
+        for sched in scheds {
             if only.is_some_and(|n| n != sched.name) {
                 continue;
             }
@@ -1015,11 +1156,60 @@ impl Engine {
             if !retire_is_due(&cur, chrono::Utc::now()) {
                 continue;
             }
-            let r = self.retire_locked(&sched, &Trigger::Schedule, false).await;
+            let lagging = acks.lagging(&sched.consumers, &sched.name, rotation_of(&cur));
+            if !lagging.is_empty() {
+                let overdue = created_at(&cur).is_some_and(|t| {
+                    t + chrono::Duration::from_std(sched.ack_timeout).unwrap_or_default()
+                        <= chrono::Utc::now()
+                });
+                if overdue {
+                    tracing::warn!(secret = %sched.name, lagging = %lagging.join(", "), ack_timeout = %humantime::format_duration(sched.ack_timeout), "consumer hosts have not acknowledged the current rotation within ack_timeout; the old credential stays valid for them; fix their `rotd agent`, or cut them off with `rotd retire --force {}`", sched.name);
+                } else {
+                    tracing::info!(secret = %sched.name, lagging = %lagging.join(", "), "retirement waits for the consumers' acknowledgements");
+                }
+                out.waiting.push((sched.name.clone(), lagging));
+                continue;
+            }
+            let r = self
+                .retire_locked(&sched, &Trigger::Schedule, Retire::Due)
+                .await;
             drop(lock);
-            out.push((sched.name.clone(), r));
+            out.done.push((sched.name.clone(), r));
         }
         Ok(out)
+    }
+
+    /// Fetches (when `fetch`) and reads the acks of every consumer of `scheds`, each
+    /// host once.
+    async fn acks_for(&self, scheds: &[Schedule], fetch: bool) -> Result<Acks, Error> {
+        let hosts: Vec<Host> = scheds
+            .iter()
+            .flat_map(|s| &s.consumers)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .filter_map(|h| self.config.store.hosts.get(h).cloned())
+            .collect();
+        if hosts.is_empty() {
+            return Ok(Acks::default());
+        }
+        let store = self.store.clone();
+        blocking(move || {
+            if fetch {
+                store.fetch_acks()?;
+            }
+            store.read_acks(&hosts, true)
+        })
+        .await
+    }
+
+    /// The consumers of `sched` that have not acknowledged `rec`'s rotation, read
+    /// after one fetch of the acks. Empty for a secret without consumers.
+    async fn lagging_now(&self, sched: &Schedule, rec: &Record) -> Result<Vec<String>, Error> {
+        if sched.consumers.is_empty() {
+            return Ok(Vec::new());
+        }
+        let acks = self.acks_for(std::slice::from_ref(sched), true).await?;
+        Ok(acks.lagging(&sched.consumers, &sched.name, rotation_of(rec)))
     }
 
     /// `rotd retire --force NAME`: retires NAME's previous credential now, before its
@@ -1046,7 +1236,7 @@ impl Engine {
         {
             return Ok(None);
         }
-        self.retire_locked(&sched, &trigger, true)
+        self.retire_locked(&sched, &trigger, Retire::Forced)
             .await
             .map(Some)
             .map_err(|reason| Error::Retire {
@@ -1055,14 +1245,16 @@ impl Engine {
             })
     }
 
-    /// Retires the old credential of `sched` now (caller holds its lock); `forced`:
-    /// before its grace ended, at an operator's request.
+    /// Retires the old credential of `sched` now (caller holds its lock); see
+    /// [`Retire`] for why. A forced or emergency retirement names the consumers it
+    /// cut off (`Rotd-Lagging`).
     async fn retire_locked(
         &self,
         sched: &Schedule,
         trigger: &Trigger,
-        forced: bool,
+        how: Retire,
     ) -> Result<String, String> {
+        let forced = how != Retire::Due;
         let store = self.store.clone();
         let n = sched.name.clone();
         let cur = blocking(move || store.read(&n, Slot::Current))
@@ -1086,7 +1278,18 @@ impl Engine {
         let retired = what
             .clone()
             .unwrap_or_else(|| "nothing on the target".into());
-        let subject = if forced {
+        let lagging = if forced && !sched.consumers.is_empty() {
+            Some(
+                self.lagging_now(sched, &cur)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            )
+        } else {
+            None
+        };
+        let subject = if how == Retire::Emergency {
+            format!("retire {} (emergency, at once): {retired}", sched.name)
+        } else if forced {
             format!(
                 "retire {} (forced, before its grace ended): {retired}",
                 sched.name
@@ -1107,6 +1310,17 @@ impl Engine {
                 "Rotd-Forced",
                 format!("retired at {} instead of after {until}", now_rfc3339()),
             );
+        }
+        if how == Retire::Emergency {
+            msg = msg.trailer("Rotd-Emergency", "yes");
+        }
+        if let Some(l) = &lagging {
+            let named = if l.is_empty() {
+                "none".to_owned()
+            } else {
+                l.join(", ")
+            };
+            msg = msg.trailer("Rotd-Lagging", named);
         }
         self.commit_record(&sched.name, Slot::Current, &rec, Vec::new(), msg)
             .await

@@ -32,6 +32,7 @@
 //! on disk. Secrets are read from the commit at HEAD, never from the work tree; the
 //! work tree is kept equal to HEAD for the stock tools (`age -d secrets/NAME.age`).
 
+pub mod acks;
 pub mod crypto;
 pub mod record;
 
