@@ -20,17 +20,7 @@ struct HostKeys {
 }
 
 fn keygen_host(env: &TestEnv, host: &str) -> (HostKeys, String, String) {
-    let age_key = env.path(&format!("keys/{host}.agekey"));
-    let o = Command::new("age-keygen")
-        .arg("-o")
-        .arg(&age_key)
-        .output()
-        .expect("age-keygen (apt-get install age)");
-    assert!(o.status.success(), "{}", stderr(&o));
-    let recipient = String::from_utf8_lossy(&o.stderr)
-        .trim()
-        .trim_start_matches("Public key: ")
-        .to_owned();
+    let recipient = age_keygen(&env.path(&format!("keys/{host}.agekey")));
     let sign = env.path(&format!("keys/{host}.sign"));
     let o = Command::new("ssh-keygen")
         .args(["-q", "-t", "ed25519", "-N", "", "-C"])

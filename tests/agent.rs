@@ -38,20 +38,6 @@ fn ssh_key(path: &Path) -> String {
         .to_owned()
 }
 
-/// An age identity made by the stock `age-keygen`; returns its public key.
-fn age_key(path: &Path) -> String {
-    let o = Command::new("age-keygen")
-        .arg("-o")
-        .arg(path)
-        .output()
-        .expect("age-keygen (apt-get install age)");
-    assert!(o.status.success(), "{}", stderr(&o));
-    String::from_utf8_lossy(&o.stderr)
-        .trim()
-        .trim_start_matches("Public key: ")
-        .to_owned()
-}
-
 /// A signing rotator with host web-1 consuming `s1` (a `files` secret), rotated once,
 /// and web-1's agent config (`agent/agent.toml`, delivering to `agent/out/s1.txt`).
 struct Fleet {
@@ -77,7 +63,7 @@ fn fleet() -> Fleet {
         1,
     );
     std::fs::create_dir_all(env.path("agent/keys")).unwrap();
-    let host_recipient = age_key(&env.path("agent/keys/web-1.agekey"));
+    let host_recipient = age_keygen(&env.path("agent/keys/web-1.agekey"));
     let host_signer = ssh_key(&env.path("agent/keys/web-1.sign"));
     std::fs::write(
         &env.config,
@@ -247,27 +233,6 @@ fn a_pass_with_nothing_new_makes_no_new_ack_and_a_new_rotation_is_acked_on_top()
     assert!(f.verify_ack_tip().status.success());
 }
 
-/// `plaintext` encrypted with the stock `age` CLI to `recipient`.
-fn age_encrypt(recipient: &str, plaintext: &str) -> Vec<u8> {
-    use std::io::Write;
-    let mut child = Command::new("age")
-        .args(["-a", "-r", recipient])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("age (apt-get install age)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(plaintext.as_bytes())
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    o.stdout
-}
-
 #[test]
 fn an_unsigned_commit_on_the_remote_is_refused_and_nothing_new_is_delivered() {
     let f = fleet();
@@ -288,7 +253,7 @@ fn an_unsigned_commit_on_the_remote_is_refused_and_nothing_new_is_delivered() {
     std::fs::write(
         clone.join("secrets/s1.age"),
         age_encrypt(
-            &f.host_recipient,
+            &["-r".as_ref(), f.host_recipient.as_ref()],
             "FORGED-attacker-value-0123456789\nrotation: 01FORGED0000000000000000\n",
         ),
     )

@@ -23,16 +23,7 @@ fn rotd_ok(env: &TestEnv, args: &[&str]) -> String {
 /// A new age identity at `keys/NAME.key`; returns its path and public key.
 fn host_key(env: &TestEnv, name: &str) -> (PathBuf, String) {
     let path = env.path(&format!("keys/{name}.key"));
-    let o = Command::new("age-keygen")
-        .arg("-o")
-        .arg(&path)
-        .output()
-        .expect("age-keygen (apt-get install age)");
-    assert!(o.status.success(), "{}", stderr(&o));
-    let public = String::from_utf8_lossy(&o.stderr)
-        .trim()
-        .trim_start_matches("Public key: ")
-        .to_owned();
+    let public = age_keygen(&path);
     (path, public)
 }
 

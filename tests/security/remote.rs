@@ -78,28 +78,6 @@ fn consumer(env: &TestEnv) -> String {
     std::fs::read_to_string(env.path("consumer/token")).unwrap()
 }
 
-/// `plaintext` encrypted with the stock `age` CLI to every recipient the store lists.
-fn age_encrypt(recipients: &Path, plaintext: &str) -> Vec<u8> {
-    use std::io::Write;
-    let mut child = Command::new("age")
-        .arg("-R")
-        .arg(recipients)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("age (apt-get install age)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(plaintext.as_bytes())
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    o.stdout
-}
-
 /// How the attacker's commit is made.
 enum Forge<'a> {
     Unsigned,
@@ -133,12 +111,12 @@ fn forge_and_push(env: &TestEnv, how: Forge, reset_to: Option<&str>) -> String {
     std::fs::create_dir_all(clone.join("secrets")).unwrap();
     std::fs::write(
         clone.join("secrets/apm-token.age"),
-        age_encrypt(&recipients, &current),
+        age_encrypt(&["-R".as_ref(), recipients.as_os_str()], &current),
     )
     .unwrap();
     std::fs::write(
         clone.join("secrets/apm-token.pending.age"),
-        age_encrypt(&recipients, &pending),
+        age_encrypt(&["-R".as_ref(), recipients.as_os_str()], &pending),
     )
     .unwrap();
     assert!(git(&clone, &["add", "secrets"]).status.success());

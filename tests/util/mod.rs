@@ -597,3 +597,40 @@ pub fn rss_kib(pid: u32) -> u64 {
         .parse()
         .unwrap()
 }
+
+/// A new age identity at `path`, made by the stock `age-keygen`; returns its public key.
+pub fn age_keygen(path: &Path) -> String {
+    let o = Command::new("age-keygen")
+        .arg("-o")
+        .arg(path)
+        .output()
+        .expect("age-keygen (apt-get install age)");
+    assert!(o.status.success(), "{}", stderr(&o));
+    String::from_utf8_lossy(&o.stderr)
+        .trim()
+        .trim_start_matches("Public key: ")
+        .to_owned()
+}
+
+/// `plaintext` encrypted (armored) by the stock `age` CLI; `recipients` are its
+/// arguments (`-r AGE1…` or `-R FILE`).
+pub fn age_encrypt(recipients: &[&std::ffi::OsStr], plaintext: &str) -> Vec<u8> {
+    use std::io::Write;
+    let mut child = Command::new("age")
+        .arg("-a")
+        .args(recipients)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("age (apt-get install age)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(plaintext.as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    o.stdout
+}
