@@ -25,7 +25,8 @@
 //! * [`agent`] is `rotd agent` on a consumer host: pulls signed store commits, delivers, acknowledges.
 //! * [`history`] reads the audit trail back from git.
 //! * [`signing`] makes and checks the SSH signatures (sshsig) of store commits.
-//! * Leaves used by the layers above: [`http`] (the one HTTP client: no redirect
+//! * Leaves used by the layers above: [`fault`] (the crash test hook
+//!   `ROTD_FAULT_KILL_AFTER`, shared by the rotator and the agent), [`http`] (the one HTTP client: no redirect
 //!   followed, body cap, error wording), [`redact`] (credentials scrubbed from peers'
 //!   text, then cut), [`validate`] (formats of values from peers and stdin).
 //!
@@ -39,6 +40,7 @@ pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod deliver;
+pub mod fault;
 pub mod fsutil;
 pub mod history;
 pub mod http;

@@ -22,6 +22,22 @@
 //!    ([`ack`]).
 //!
 //! Every step is safe to repeat: a pass that stops anywhere is completed by the next.
+//! Two kill points prove it (the test hook `ROTD_FAULT_KILL_AFTER=<step>` of
+//! [`crate::fault`], tests/agent_crash.rs):
+//!
+//! * `agent-rendered` — after a secret's files are written and reloaded, before the
+//!   delivery record and the acknowledgement. A kill there leaves the files holding
+//!   the new rotation (each written atomically: never a mix, no temp file) while the
+//!   record still names the previous one and the remote acknowledges the previous
+//!   one. The next pass sees the record differ, delivers the same value again
+//!   (idempotent), records it and acknowledges it.
+//! * `agent-ack-committed` — after the signed ack commit is made in the clone, before
+//!   its push. A kill there leaves an unpushed commit on the clone's local ack ref;
+//!   the remote still holds the previous acknowledgement. The next pass reads the
+//!   remote's tip (never the local ref), commits a fresh acknowledgement on top of it
+//!   and pushes it as a fast-forward: exactly one new ack commit on the remote, the
+//!   orphaned local one is dropped with the ref's move.
+//!
 //! `--once` runs one pass; otherwise a pass runs every `poll` (±10 % jitter), at once
 //! on SIGHUP (which also re-reads the configuration, keeping the old one if the new
 //! is invalid), and SIGTERM or SIGINT ends the loop between passes, never inside one.
@@ -325,6 +341,7 @@ pub async fn pass(cfg: &config::Config) -> Result<(), Error> {
         };
         match deliver::deliver(&secret.deliver, &vars).await {
             Ok(_) => {
+                crate::fault::point("agent-rendered");
                 tracing::info!(secret = %name, rotation = %version, "delivered {name} rotation {version}");
                 state.insert(name.clone(), version);
                 write_state(&state_file, &state)?;
@@ -400,6 +417,7 @@ fn acknowledge(
         return Ok(()); // nothing held, nothing acknowledged before: nothing to say
     }
     let oid = ack::commit(&repo, &remote, tip, held, &signer)?;
+    crate::fault::point("agent-ack-committed");
     remote.push(&repo)?;
     let list: Vec<String> = held.iter().map(|(n, r)| format!("{n} {r}")).collect();
     tracing::info!(host, commit = %oid, acks = ?list, "acknowledged");

@@ -212,13 +212,11 @@ const FOREIGN_PENDING_STALE: chrono::Duration = chrono::Duration::hours(1);
 /// (`created` also exists: after a target made a credential, before its commit.)
 pub const STEPS: &[&str] = &["pending", "apply", "deliver", "probe", "commit"];
 
-/// Test hook: SIGKILL this process right after `step` when the environment asks.
-/// It exists to prove the journal's guarantees with real kills (tests/crash.rs).
+/// Test hook: SIGKILL this process right after `step` when the environment asks
+/// ([`crate::fault`]). It exists to prove the journal's guarantees with real kills
+/// (tests/crash.rs).
 fn fault_point(step: &str) {
-    if std::env::var("ROTD_FAULT_KILL_AFTER").as_deref() == Ok(step) {
-        tracing::warn!(step, "ROTD_FAULT_KILL_AFTER: killing rotd");
-        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
-    }
+    crate::fault::point(step);
 }
 
 /// Times a rotation's steps (logged with its outcome at `info`: where a

@@ -1,0 +1,276 @@
+//! `rotd agent` under kills (DESIGN §7): the agent is SIGKILLed by the test hook
+//! `ROTD_FAULT_KILL_AFTER` after it rendered a new rotation (before its delivery
+//! record and ack) and after it committed the ack (before its push); the next pass
+//! completes the work: the current secret in the file, exactly one new signed ack of
+//! the current rotation on the remote, no temp file left. Real git, the real rotd
+//! binary as rotator and agent, `git verify-commit` for the acks.
+
+mod util;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use util::*;
+
+const HOST: &str = "web-1";
+const ACKS: &str = "refs/rotd/acks/web-1";
+
+fn rotd_ok(env: &TestEnv, args: &[&str]) -> String {
+    let o = env.rotd(args);
+    assert!(
+        o.status.success(),
+        "rotd {args:?} failed ({:?}):\n{}\n{}",
+        o.status.code(),
+        stdout(&o),
+        stderr(&o)
+    );
+    stdout(&o)
+}
+
+/// An OpenSSH ed25519 key made by the stock `ssh-keygen`; returns its public line.
+fn ssh_key(path: &Path) -> String {
+    let o = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "test", "-f"])
+        .arg(path)
+        .output()
+        .expect("ssh-keygen (apt-get install openssh-client)");
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::read_to_string(format!("{}.pub", path.display()))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+/// A signing rotator with host web-1 consuming `s1` (a `files` secret), rotated once,
+/// and web-1's agent config (`agent/agent.toml`, delivering to `agent/out/s1.txt`).
+struct Fleet {
+    env: TestEnv,
+    agent_config: PathBuf,
+    delivered: PathBuf,
+    /// `ssh-ed25519 …` of web-1's signing key.
+    host_signer: String,
+}
+
+fn fleet() -> Fleet {
+    let env = TestEnv::uninitialised();
+    let rotator = ssh_key(&env.path("keys/signing"));
+    std::fs::write(
+        env.path("keys/allowed_signers"),
+        format!("rotd@localhost {rotator}\n"),
+    )
+    .unwrap();
+    let cfg = std::fs::read_to_string(&env.config).unwrap().replacen(
+        "\n\n[daemon]",
+        "\nsigning_key = \"keys/signing\"\nallowed_signers = \"keys/allowed_signers\"\n\n[daemon]",
+        1,
+    );
+    std::fs::create_dir_all(env.path("agent/keys")).unwrap();
+    let host_recipient = age_keygen(&env.path("agent/keys/web-1.agekey"));
+    let host_signer = ssh_key(&env.path("agent/keys/web-1.sign"));
+    std::fs::write(
+        &env.config,
+        format!(
+            "{cfg}\n[hosts.{HOST}]\nrecipient = \"{host_recipient}\"\nsigner = \"{host_signer}\"\n"
+        ),
+    )
+    .unwrap();
+    rotd_ok(&env, &["init"]);
+    std::fs::create_dir_all(env.path("out")).unwrap();
+    env.write_schedule(
+        "s1",
+        &format!(
+            "name = \"s1\"\nschedule = \"0 0 4 * * *\"\ngrace = \"0s\"\nconsumers = [\"{HOST}\"]\nack_timeout = \"2h\"\n[target]\nkind = \"files\"\n[[deliver]]\npath = \"{}/s1.txt\"\ncontent = \"{{{{secret}}}}\\n\"\n",
+            env.path("out").display()
+        ),
+    );
+    rotd_ok(&env, &["check"]);
+    rotd_ok(&env, &["rotate", "s1"]);
+    let delivered = env.path("agent/out/s1.txt");
+    env.allow_holder(&delivered);
+    let agent_config = env.path("agent/agent.toml");
+    std::fs::write(
+        &agent_config,
+        format!(
+            "host = \"{HOST}\"\n[store]\nremote = \"{}\"\npath = \"store\"\nidentity = \"keys/web-1.agekey\"\nsigning_key = \"keys/web-1.sign\"\nallowed_signers = \"{}\"\npoll = \"30s\"\n[[secret]]\nname = \"s1\"\n[[secret.deliver]]\npath = \"{}\"\ncontent = \"{{{{secret}}}}\\n\"\nmode = \"0640\"\n",
+            env.remote.display(),
+            env.path("keys/allowed_signers").display(),
+            delivered.display()
+        ),
+    )
+    .unwrap();
+    Fleet {
+        env,
+        agent_config,
+        delivered,
+        host_signer,
+    }
+}
+
+impl Fleet {
+    /// `rotd agent --once` with web-1's config; its output is leak-checked.
+    fn agent_once(&self) -> Output {
+        let mut c = Command::new(rotd_bin());
+        c.arg("--config")
+            .arg(&self.agent_config)
+            .args(["agent", "--once"])
+            .env("ROTD_LOG", "trace");
+        self.env.run(&mut c)
+    }
+
+    /// `rotd agent --once` with the crash hook set to `step`.
+    fn agent_once_killed_after(&self, step: &str) -> Output {
+        let mut c = Command::new(rotd_bin());
+        c.arg("--config")
+            .arg(&self.agent_config)
+            .args(["agent", "--once"])
+            .env("ROTD_LOG", "trace")
+            .env("ROTD_FAULT_KILL_AFTER", step);
+        self.env.run(&mut c)
+    }
+
+    fn agent_ok(&self) -> String {
+        let o = self.agent_once();
+        assert!(
+            o.status.success(),
+            "rotd agent --once failed ({:?}):\n{}",
+            o.status.code(),
+            stderr(&o)
+        );
+        stderr(&o)
+    }
+
+    fn delivered(&self) -> String {
+        std::fs::read_to_string(&self.delivered).unwrap()
+    }
+
+    /// The rotation id of s1's current record at the rotator's HEAD.
+    fn rotation(&self) -> String {
+        let bytes = std::fs::read(self.env.store.join("secrets/s1.age")).unwrap();
+        let plain = self.env.age_plaintext(&bytes);
+        plain
+            .lines()
+            .find_map(|l| l.strip_prefix("rotation: "))
+            .expect("a rotated record names its rotation")
+            .trim()
+            .to_owned()
+    }
+
+    /// (number of ack commits, message of the tip) on the remote; None without acks.
+    fn acks(&self) -> Option<(usize, String)> {
+        let count = git(&self.env.remote, &["rev-list", "--count", ACKS]);
+        if !count.status.success() {
+            return None;
+        }
+        let n = stdout(&count).trim().parse().unwrap();
+        let msg = stdout(&git(&self.env.remote, &["log", "-1", "--format=%B", ACKS]));
+        Some((n, msg))
+    }
+
+    /// `git verify-commit` of the remote's ack tip, with only web-1's key allowed.
+    fn verify_ack_tip(&self) -> Output {
+        let allowed = self.env.path("agent/acks_allowed_signers");
+        std::fs::write(
+            &allowed,
+            format!("rotd-agent@{HOST} {}\n", self.host_signer),
+        )
+        .unwrap();
+        Command::new("git")
+            .arg("-C")
+            .arg(&self.env.remote)
+            .args(["-c", "gpg.format=ssh", "-c"])
+            .arg(format!("gpg.ssh.allowedSignersFile={}", allowed.display()))
+            .args(["verify-commit", ACKS])
+            .output()
+            .unwrap()
+    }
+}
+
+/// Rotates s1, kills the agent at `step`, checks what the kill left, then runs a
+/// clean pass and checks that it completed the work.
+fn kill_then_recover(step: &str) {
+    let f = fleet();
+    f.agent_ok();
+    let previous = format!("{}\n", f.env.show("s1"));
+    assert_eq!(f.delivered(), previous);
+    let (acks_before, _) = f.acks().unwrap();
+    let ack_before = stdout(&git(&f.env.remote, &["rev-parse", ACKS]));
+
+    rotd_ok(&f.env, &["rotate", "s1"]);
+    let current = format!("{}\n", f.env.show("s1"));
+    assert_ne!(current, previous);
+    let rotation = f.rotation();
+    // Both values are versions the store's history holds (decrypted with age -d).
+    let history = f.env.recorded_secrets("s1");
+    for v in [&previous, &current] {
+        assert!(
+            history.contains(&v.trim_end().to_owned()),
+            "{v:?} not in the history"
+        );
+    }
+
+    let o = f.agent_once_killed_after(step);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        o.status.signal(),
+        Some(9),
+        "the agent dies with SIGKILL after {step} ({:?}):\n{}",
+        o.status,
+        stderr(&o)
+    );
+    let held = f.delivered();
+    assert!(
+        held == previous || held == current,
+        "after a kill at {step} the file holds the previous or the current secret, nothing else"
+    );
+    if step == "agent-rendered" {
+        assert_eq!(held, current, "the kill came after the render");
+    }
+    assert_eq!(
+        stdout(&git(&f.env.remote, &["rev-parse", ACKS])),
+        ack_before,
+        "nothing new acknowledged on the remote before the kill's push"
+    );
+
+    let log = f.agent_ok();
+    assert_eq!(
+        f.delivered(),
+        current,
+        "the next pass delivers the current secret"
+    );
+    let (n, msg) = f.acks().unwrap();
+    assert_eq!(n, acks_before + 1, "exactly one new ack commit: {msg}");
+    let parent = stdout(&git(&f.env.remote, &["rev-parse", &format!("{ACKS}^")]));
+    assert_eq!(parent, ack_before, "the new ack sits on the previous one");
+    let trailers: Vec<&str> = msg.lines().filter(|l| l.starts_with("Rotd-Ack:")).collect();
+    assert_eq!(
+        trailers,
+        [format!("Rotd-Ack: s1 {rotation}").as_str()],
+        "{msg}"
+    );
+    let v = f.verify_ack_tip();
+    assert!(v.status.success(), "git verify-commit: {}", stderr(&v));
+    assert!(log.contains("acknowledged"), "{log}");
+    let out = f.delivered.parent().unwrap();
+    let temps: Vec<String> = std::fs::read_dir(out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".rotd-tmp-"))
+        .collect();
+    assert!(
+        temps.is_empty(),
+        "temp files left in the deliver dir: {temps:?}"
+    );
+
+    // And a further pass has nothing to add.
+    f.agent_ok();
+    assert_eq!(f.acks().unwrap().0, acks_before + 1, "no duplicate ack");
+}
+
+#[test]
+fn a_kill_after_rendering_leaves_previous_or_current_and_the_next_pass_acks_the_current_once() {
+    kill_then_recover("agent-rendered");
+}
+
+#[test]
+fn a_kill_after_the_ack_commit_before_its_push_is_completed_by_one_new_ack() {
+    kill_then_recover("agent-ack-committed");
+}
