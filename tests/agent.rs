@@ -1,7 +1,8 @@
 //! `rotd agent` (DESIGN §7): a consumer host pulls its secrets from the store remote,
 //! delivers them and acknowledges on `refs/rotd/acks/HOST`. Real git (a bare remote),
 //! the real rotd binary as rotator and as agent, stock `age-keygen` / `ssh-keygen`,
-//! and `git verify-commit` to check the acknowledgements.
+//! and `git verify-commit` to check the acknowledgements; the agent is also killed
+//! (SIGKILL) at its two crash points and the next pass must complete the work.
 
 mod util;
 
@@ -113,6 +114,17 @@ impl Fleet {
             .arg(&self.agent_config)
             .args(["agent", "--once"])
             .env("ROTD_LOG", "trace");
+        self.env.run(&mut c)
+    }
+
+    /// `rotd agent --once` with the crash hook set to `step`.
+    fn agent_once_killed_after(&self, step: &str) -> Output {
+        let mut c = Command::new(rotd_bin());
+        c.arg("--config")
+            .arg(&self.agent_config)
+            .args(["agent", "--once"])
+            .env("ROTD_LOG", "trace")
+            .env("ROTD_FAULT_KILL_AFTER", step);
         self.env.run(&mut c)
     }
 
@@ -407,4 +419,99 @@ fn the_agent_loop_runs_a_pass_on_sighup_and_stops_on_sigterm() {
     f.env.record_text(&log);
     assert_eq!(status.code(), Some(0), "{log}");
     assert!(log.contains("rotd agent stopping"), "{log}");
+}
+
+// Kills (the crash hook `ROTD_FAULT_KILL_AFTER`): after rendering a new rotation
+// (before the delivery record and the ack), and after the ack commit (before its
+// push); the next pass completes the work.
+
+/// Rotates s1, kills the agent at `step`, checks what the kill left, then runs a
+/// clean pass and checks that it completed the work.
+fn kill_then_recover(step: &str) {
+    let f = fleet();
+    f.agent_ok();
+    let previous = format!("{}\n", f.env.show("s1"));
+    assert_eq!(f.delivered(), previous);
+    let (acks_before, _) = f.acks().unwrap();
+    let ack_before = stdout(&git(&f.env.remote, &["rev-parse", ACKS]));
+
+    rotd_ok(&f.env, &["rotate", "s1"]);
+    let current = format!("{}\n", f.env.show("s1"));
+    assert_ne!(current, previous);
+    let rotation = f.rotation();
+    // Both values are versions the store's history holds (decrypted with age -d).
+    let history = f.env.recorded_secrets("s1");
+    for v in [&previous, &current] {
+        assert!(
+            history.contains(&v.trim_end().to_owned()),
+            "{v:?} not in the history"
+        );
+    }
+
+    let o = f.agent_once_killed_after(step);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        o.status.signal(),
+        Some(9),
+        "the agent dies with SIGKILL after {step} ({:?}):\n{}",
+        o.status,
+        stderr(&o)
+    );
+    let held = f.delivered();
+    assert!(
+        held == previous || held == current,
+        "after a kill at {step} the file holds the previous or the current secret, nothing else"
+    );
+    if step == "agent-rendered" {
+        assert_eq!(held, current, "the kill came after the render");
+    }
+    assert_eq!(
+        stdout(&git(&f.env.remote, &["rev-parse", ACKS])),
+        ack_before,
+        "nothing new acknowledged on the remote before the kill's push"
+    );
+
+    let log = f.agent_ok();
+    assert_eq!(
+        f.delivered(),
+        current,
+        "the next pass delivers the current secret"
+    );
+    let (n, msg) = f.acks().unwrap();
+    assert_eq!(n, acks_before + 1, "exactly one new ack commit: {msg}");
+    let parent = stdout(&git(&f.env.remote, &["rev-parse", &format!("{ACKS}^")]));
+    assert_eq!(parent, ack_before, "the new ack sits on the previous one");
+    let trailers: Vec<&str> = msg.lines().filter(|l| l.starts_with("Rotd-Ack:")).collect();
+    assert_eq!(
+        trailers,
+        [format!("Rotd-Ack: s1 {rotation}").as_str()],
+        "{msg}"
+    );
+    let v = f.verify_ack_tip();
+    assert!(v.status.success(), "git verify-commit: {}", stderr(&v));
+    assert!(log.contains("acknowledged"), "{log}");
+    let out = f.delivered.parent().unwrap();
+    let temps: Vec<String> = std::fs::read_dir(out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".rotd-tmp-"))
+        .collect();
+    assert!(
+        temps.is_empty(),
+        "temp files left in the deliver dir: {temps:?}"
+    );
+
+    // And a further pass has nothing to add.
+    f.agent_ok();
+    assert_eq!(f.acks().unwrap().0, acks_before + 1, "no duplicate ack");
+}
+
+#[test]
+fn a_kill_after_rendering_leaves_previous_or_current_and_the_next_pass_acks_the_current_once() {
+    kill_then_recover("agent-rendered");
+}
+
+#[test]
+fn a_kill_after_the_ack_commit_before_its_push_is_completed_by_one_new_ack() {
+    kill_then_recover("agent-ack-committed");
 }
