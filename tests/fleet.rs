@@ -455,3 +455,24 @@ fn a_lagging_host_holds_the_old_credential_until_it_catches_up() {
     );
     assert_eq!(f.retired(), 2);
 }
+
+/// A host killed anywhere in a pass, again and again (a crash, a reboot), acknowledges
+/// once its agent runs again: a lock file left on the clone's ack ref by a killed
+/// fetch used to fail every later pass.
+#[test]
+fn an_agent_killed_mid_pass_again_and_again_acknowledges_once_it_runs_again() {
+    let mut f = fleet();
+    f.hosts[1].stop_agent(&f.env);
+    for round in 0..2 {
+        rotd_ok(&f.env, &["rotate", NAME]);
+        for i in 0..15u64 {
+            f.hosts[1].start_agent();
+            std::thread::sleep(Duration::from_millis(50 + (i * 137 + round * 71) % 1200));
+            f.hosts[1].stop_agent(&f.env);
+        }
+        f.hosts[1].start_agent();
+        f.wait_all_acked();
+        rotd_ok(&f.env, &["retire"]);
+        f.hosts[1].stop_agent(&f.env);
+    }
+}
