@@ -404,6 +404,8 @@ fn acknowledge(
         signer.public_key_openssh()
     ))
     .map_err(Error::SigningKey)?;
+    // One rotd process at a time updates the clone's ack refs (see `fetch_tip`).
+    let _lock = store.lock_store()?;
     let repo = store.repo()?;
     let remote = ack::Remote { host, ssh_key };
     let tip = remote.fetch_tip(&repo)?;

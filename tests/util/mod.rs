@@ -634,3 +634,67 @@ pub fn age_encrypt(recipients: &[&std::ffi::OsStr], plaintext: &str) -> Vec<u8> 
     assert!(o.status.success(), "{}", stderr(&o));
     o.stdout
 }
+
+/// An OpenSSH ed25519 key (no passphrase) made by the stock `ssh-keygen`; returns its
+/// public line.
+pub fn ssh_keygen(path: &Path, comment: &str) -> String {
+    let o = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
+        .arg(path)
+        .output()
+        .expect("ssh-keygen (apt-get install openssh-client)");
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::read_to_string(format!("{}.pub", path.display()))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+/// A `rotd agent` running in its loop mode (a separate process), its stderr in a log
+/// file. Killed when dropped; [`RotdAgent::stop`] hands the log back for the leak check.
+pub struct RotdAgent {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl RotdAgent {
+    /// `rotd agent --config CONFIG` (no `--once`), logging at DEBUG into `log`.
+    pub fn start(config: &Path, log: &Path) -> RotdAgent {
+        let child = Command::new(rotd_bin())
+            .arg("--config")
+            .arg(config)
+            .arg("agent")
+            .env("ROTD_LOG", "debug")
+            .env_remove("ROTD_FAULT_KILL_AFTER")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)
+                    .unwrap(),
+            )
+            .spawn()
+            .unwrap();
+        RotdAgent {
+            child,
+            log: log.to_owned(),
+        }
+    }
+
+    /// Kills the agent (as a crash or a powered-off host would stop it) and records
+    /// what it logged in `env`'s leak check.
+    pub fn stop(mut self, env: &TestEnv) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        env.record_text(&std::fs::read_to_string(&self.log).unwrap_or_default());
+    }
+}
+
+impl Drop for RotdAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
