@@ -94,20 +94,8 @@ impl Remote<'_> {
     /// caller holds the store's lock (`Store::lock_store`).
     pub fn fetch_tip(&self, repo: &Repository) -> Result<Option<Oid>, Error> {
         let tracking = tracking(self.host);
-        // A pass killed while git updated this scratch ref leaves its `.lock` file, and
-        // every later fetch would fail on it forever. The caller holds the store's
-        // flock (released by the kernel when a process dies), so no live rotd process
-        // is updating the ref: the lock is stale and is removed.
-        let stale = repo.path().join(format!("{tracking}.lock"));
-        match std::fs::remove_file(&stale) {
-            Ok(()) => {
-                tracing::warn!(host = self.host, path = %stale.display(), "removed the lock file a killed pass left on the acknowledgement ref")
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                tracing::warn!(host = self.host, path = %stale.display(), error = %e, "cannot remove a stale lock file; the fetch below will say why it fails")
-            }
-        }
+        // A pass killed mid-fetch leaves the ref's `.lock` file (see the helper).
+        crate::store::clear_stale_ref_locks(repo, "refs/rotd/remote-acks");
         // A tip the remote no longer has must not become the next parent.
         if let Ok(mut r) = repo.find_reference(&tracking) {
             r.delete()

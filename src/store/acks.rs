@@ -86,6 +86,7 @@ impl Store {
         }
         let _lock = self.lock_store()?;
         let repo = self.repo()?;
+        super::clear_stale_ref_locks(&repo, "refs/rotd/acks");
         let mut remote = repo.find_remote("origin")?;
         let mut fo = git2::FetchOptions::new();
         fo.remote_callbacks(self.callbacks());

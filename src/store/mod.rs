@@ -840,6 +840,7 @@ impl Store {
     /// Fetches the remote branch: Some(true) when it holds commits that HEAD does not
     /// contain, None when the remote cannot be read.
     fn remote_has_moved(&self, repo: &Repository) -> Option<bool> {
+        clear_stale_ref_locks(repo, "refs/remotes/origin");
         let mut remote = repo.find_remote("origin").ok()?;
         let mut fo = git2::FetchOptions::new();
         fo.remote_callbacks(self.callbacks());
@@ -868,6 +869,7 @@ impl Store {
         }
         let _lock = self.lock_store()?;
         let repo = self.repo()?;
+        clear_stale_ref_locks(&repo, "refs/remotes/origin");
         let mut remote = repo.find_remote("origin")?;
         let mut fo = git2::FetchOptions::new();
         fo.remote_callbacks(self.callbacks());
@@ -1060,6 +1062,34 @@ fn refuse_incoming(
     Ok(None)
 }
 
+/// Removes the `*.lock` files a killed rotd process left in one ref directory of the
+/// git directory (`refs/remotes/origin`, `refs/rotd/acks`, …): git2 refuses to update
+/// a ref whose lock file exists, so one kill mid-fetch would wedge every later fetch.
+/// Call it only while holding the store lock ([`Store::lock_store`]): every rotd
+/// process updates these refs under that `flock`, which the kernel releases when a
+/// process dies, so a lock file found then belongs to no live rotd process.
+pub(crate) fn clear_stale_ref_locks(repo: &Repository, ref_dir: &str) {
+    let dir = repo.path().join(ref_dir);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        let is_lock = path.extension().is_some_and(|x| x == "lock");
+        if !is_lock || !e.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                tracing::warn!(path = %path.display(), "removed a ref lock file a killed rotd process left")
+            }
+            Err(err) => {
+                tracing::warn!(path = %path.display(), error = %err, "cannot remove a stale ref lock file; the git operation below will say why it fails")
+            }
+        }
+    }
+}
+
 fn load_signer(cfg: &config::Store) -> Result<Option<Arc<Signer>>, Error> {
     match &cfg.signing_key {
         Some(p) => Ok(Some(Arc::new(Signer::from_file(p)?))),
@@ -1112,6 +1142,20 @@ pub struct InitReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ref_lock_left_by_a_killed_process_is_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init(dir.path()).unwrap();
+        let refs = repo.path().join("refs/remotes/origin");
+        std::fs::create_dir_all(&refs).unwrap();
+        std::fs::write(refs.join("main.lock"), "0000").unwrap();
+        std::fs::write(refs.join("main"), "0000").unwrap();
+        clear_stale_ref_locks(&repo, "refs/remotes/origin");
+        assert!(!refs.join("main.lock").exists());
+        assert!(refs.join("main").exists());
+        clear_stale_ref_locks(&repo, "refs/rotd/acks"); // absent: nothing to do
+    }
 
     #[test]
     fn a_trailer_value_quoting_a_peer_cannot_forge_or_hide_trailers() {
