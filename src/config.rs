@@ -944,6 +944,20 @@ pub fn validate_cron(expr: &str) -> Result<(), String> {
             "schedule = {expr:?} has {fields} fields; rotd's cron has seconds first: \"sec min hour day month weekday\", e.g. \"0 0 3 * * Sun\""
         ));
     }
+    // Seconds, minutes and hours take numbers, `*`, ranges, steps and lists only.
+    // croner also parses `L`/`W`/`#` there, and then searches minute by minute up to the
+    // year 5000 for a time that never comes (seconds of CPU; found by the next_run
+    // fuzz target).
+    for (field, what) in expr.split_whitespace().zip(["seconds", "minutes", "hours"]) {
+        if let Some(c) = field
+            .chars()
+            .find(|c| !(c.is_ascii_digit() || "*/-,?".contains(*c)))
+        {
+            return Err(format!(
+                "schedule = {expr:?}: the {what} field {field:?} holds {c:?}; it takes numbers, `*`, ranges (`1-5`), steps (`*/15`) and lists (`0,30`) only"
+            ));
+        }
+    }
     let cron = parse_cron(expr).map_err(|e| {
         format!("schedule = {expr:?} is not a valid cron expression ({e}); e.g. \"0 0 3 * * Sun\"")
     })?;
@@ -1480,6 +1494,12 @@ mod tests {
         }
         // Rare is not never: 29 February, and 29 February on a Monday.
         validate_cron("0 0 0 29 2 *").unwrap();
+        // Found by the next_run fuzz target: `L` in the seconds field made croner
+        // search for minutes.
+        let e = validate_cron("l 0 3 * * Sun").unwrap_err();
+        assert!(e.contains("seconds field"), "{e}");
+        assert!(validate_cron("0 0 L * * *").is_err());
+        validate_cron("0,30 */5 1-5 L * *").unwrap();
         validate_cron("0 0 0 29 2 Mon").unwrap();
     }
 
