@@ -629,7 +629,16 @@ fn foreign_lines<'a>(text: &'a str, changed: &[&str]) -> Option<Vec<&'a str>> {
     let odd_breaks = text
         .replace("\r\n", "\n")
         .contains(['\r', '\u{85}', '\u{2028}', '\u{2029}']);
-    if !block || odd_breaks || text.trim().is_empty() {
+    // A document that is not a mapping (`~`, `null`, indented or not) reads as an
+    // empty config: the rewrite replaces it, no line of it is kept.
+    let content = text
+        .lines()
+        .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'));
+    let mapping = matches!(
+        serde_yaml::from_str::<serde_yaml::Value>(text),
+        Ok(serde_yaml::Value::Mapping(_))
+    );
+    if !block || odd_breaks || text.trim().is_empty() || (content && !mapping) {
         return None;
     }
     let headers = text.lines().filter(|l| key(l)).count();

@@ -102,9 +102,23 @@ pub enum Command {
     },
     /// On a consumer host: pull this host's secrets from the store remote, deliver them,
     /// acknowledge (config: --config, default /etc/rotd/agent.toml)
+    #[command(args_conflicts_with_subcommands = true)]
     Agent {
         /// Run one pass, then exit
         #[arg(long)]
         once: bool,
+        #[command(subcommand)]
+        action: Option<AgentCommand>,
+    },
+}
+
+/// `rotd agent` subcommands (without one, the agent runs).
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// Per secret: the rotation delivered and acknowledged, the last pass and error
+    /// (read from the agent's clone: nothing fetched, nothing decrypted)
+    Status {
+        #[arg(long)]
+        json: bool,
     },
 }

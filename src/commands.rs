@@ -260,12 +260,18 @@ pub async fn run(cli: Cli) -> Result<i32, Error> {
         }
         // `rotd agent`: its own config file and default path, and its own exit codes
         // (agent::Error::exit_code); the error is printed as main prints the others'.
-        Command::Agent { once } => {
+        Command::Agent { once, action } => {
             let path = cli
                 .config
                 .clone()
                 .unwrap_or_else(|| PathBuf::from(crate::agent::config::DEFAULT_PATH));
-            match crate::agent::run(&path, once).await {
+            let result = match action {
+                Some(crate::cli::AgentCommand::Status { json }) => {
+                    crate::agent::status(&path, json, out).map(|_| ())
+                }
+                None => crate::agent::run(&path, once).await,
+            };
+            match result {
                 Ok(()) => Ok(exit::OK),
                 Err(e) => {
                     eprintln!("rotd: {e}");

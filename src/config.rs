@@ -301,7 +301,7 @@ struct RawReload {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawProbe {
+pub(crate) struct RawProbe {
     timeout: Option<Spanned<String>>,
     attempts: Option<Spanned<u32>>,
     interval: Option<Spanned<String>>,
@@ -315,6 +315,66 @@ struct RawHttpProbe {
     url: String,
     header: Option<String>,
     expect: Option<u16>,
+}
+
+/// `[probe]` of a schedule (and `[secret.probe]` of `agent.toml`): bounds checked,
+/// defaults filled in; the span of the table, for the target's own checks.
+pub(crate) fn parse_probe(
+    raw: Option<&Spanned<RawProbe>>,
+    rep: &mut Reporter<'_>,
+) -> (Probe, Option<std::ops::Range<usize>>) {
+    match raw {
+        None => (
+            Probe {
+                timeout: Duration::from_secs(10),
+                attempts: 10,
+                interval: Duration::from_millis(500),
+                http: None,
+                index: None,
+            },
+            None,
+        ),
+        Some(p) => {
+            let span = p.span();
+            let p = p.get_ref();
+            let mut d = |v: &Option<Spanned<String>>, what: &str, default: Duration, bound| match v
+            {
+                None => default,
+                Some(s) => bounded(s, what, bound, rep).unwrap_or(default),
+            };
+            let timeout = d(
+                &p.timeout,
+                "probe.timeout",
+                Duration::from_secs(10),
+                bounds::PROBE_TIMEOUT,
+            );
+            let interval = d(
+                &p.interval,
+                "probe.interval",
+                Duration::from_millis(500),
+                bounds::PROBE_INTERVAL,
+            );
+            let attempts = p
+                .attempts
+                .as_ref()
+                .and_then(|a| bounded_count(a, "probe.attempts", bounds::PROBE_ATTEMPTS, rep))
+                .unwrap_or(10);
+            (
+                Probe {
+                    timeout,
+                    interval,
+                    attempts: attempts.max(1),
+                    http: p.http.as_ref().map(|h| HttpProbe {
+                        url: h.url.clone(),
+                        header: h.header.clone(),
+                        expect: h.expect.unwrap_or(200),
+                    }),
+                    index: p.index.clone(),
+                },
+                Some(span),
+            )
+        }
+    }
 }
 
 // ---------------------------------------------------------------- loading
@@ -793,58 +853,7 @@ pub fn parse_schedule_str(
         }
     };
     let charset = raw.generate.charset.unwrap_or_default();
-    let (probe, probe_span) = match &raw.probe {
-        None => (
-            Probe {
-                timeout: Duration::from_secs(10),
-                attempts: 10,
-                interval: Duration::from_millis(500),
-                http: None,
-                index: None,
-            },
-            None,
-        ),
-        Some(p) => {
-            let span = p.span();
-            let p = p.get_ref();
-            let mut d = |v: &Option<Spanned<String>>, what: &str, default: Duration, bound| match v
-            {
-                None => default,
-                Some(s) => bounded(s, what, bound, &mut rep).unwrap_or(default),
-            };
-            let timeout = d(
-                &p.timeout,
-                "probe.timeout",
-                Duration::from_secs(10),
-                bounds::PROBE_TIMEOUT,
-            );
-            let interval = d(
-                &p.interval,
-                "probe.interval",
-                Duration::from_millis(500),
-                bounds::PROBE_INTERVAL,
-            );
-            let attempts = p
-                .attempts
-                .as_ref()
-                .and_then(|a| bounded_count(a, "probe.attempts", bounds::PROBE_ATTEMPTS, &mut rep))
-                .unwrap_or(10);
-            (
-                Probe {
-                    timeout,
-                    interval,
-                    attempts: attempts.max(1),
-                    http: p.http.as_ref().map(|h| HttpProbe {
-                        url: h.url.clone(),
-                        header: h.header.clone(),
-                        expect: h.expect.unwrap_or(200),
-                    }),
-                    index: p.index.clone(),
-                },
-                Some(span),
-            )
-        }
-    };
+    let (probe, probe_span) = parse_probe(raw.probe.as_ref(), &mut rep);
     let mut target = targets::Config::from_raw(&raw.target, &probe, probe_span, &mut rep);
     if let Some(targets::Config::Elasticsearch(es)) = target.as_mut() {
         es.set_grace(grace);

@@ -19,6 +19,33 @@ pub const RELOADS_TOTAL: &str = "rotd_schedule_reloads_total";
 pub const REMOTE_REFUSED: &str = "rotd_remote_refused";
 pub const CONSUMERS_LAGGING: &str = "rotd_consumers_lagging";
 
+/// The metrics of `rotd agent` (its own `/metrics`, `metrics = "ADDR:PORT"` in
+/// agent.toml; rendered by `agent::state::render_metrics`).
+pub mod agent {
+    pub const PASSES_TOTAL: &str = "rotd_agent_passes_total";
+    pub const PASSES_TOTAL_HELP: &str =
+        "Agent passes (sync, deliver, acknowledge) since start, by result.";
+    pub const DELIVERIES_TOTAL: &str = "rotd_agent_deliveries_total";
+    pub const DELIVERIES_TOTAL_HELP: &str =
+        "Deliveries of a new rotation (files written, reloads, probe) since start, by result.";
+    pub const LAST_PASS: &str = "rotd_agent_last_pass_timestamp_seconds";
+    pub const LAST_PASS_HELP: &str = "When the last pass ended (Unix time).";
+    pub const LAST_SUCCESS: &str = "rotd_agent_last_success_timestamp_seconds";
+    pub const LAST_SUCCESS_HELP: &str = "When the last pass that succeeded ended (Unix time).";
+    pub const REMOTE_REFUSED: &str = "rotd_agent_remote_refused";
+    pub const REMOTE_REFUSED_HELP: &str =
+        "1 while the store remote holds commits this host refuses to adopt (unsigned, foreign-signed, rewritten).";
+    pub const DELIVERED: &str = "rotd_agent_delivered_timestamp_seconds";
+    pub const DELIVERED_HELP: &str =
+        "When the rotation this host holds of a secret was delivered (Unix time).";
+    pub const FAILING: &str = "rotd_agent_delivery_failing";
+    pub const FAILING_HELP: &str =
+        "1 while the last delivery of the store's rotation of a secret failed (the previous files are in place, nothing is acknowledged).";
+    pub const UNACKNOWLEDGED: &str = "rotd_agent_unacknowledged";
+    pub const UNACKNOWLEDGED_HELP: &str =
+        "1 while the rotation this host delivered is not what the remote's acknowledgement of this host names.";
+}
+
 /// Histogram buckets of a rotation's duration (seconds).
 const BUCKETS: &[f64] = &[
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,

@@ -515,3 +515,234 @@ fn a_kill_after_rendering_leaves_previous_or_current_and_the_next_pass_acks_the_
 fn a_kill_after_the_ack_commit_before_its_push_is_completed_by_one_new_ack() {
     kill_then_recover("agent-ack-committed");
 }
+
+/// Objects in the clone (loose and packed) and its packs: what a fetch would add.
+fn clone_objects(f: &Fleet) -> (String, usize) {
+    let clone = f.env.path("agent/store");
+    let counts = stdout(&git(&clone, &["count-objects", "-v"]));
+    let packs = std::fs::read_dir(clone.join(".git/objects/pack"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    (counts, packs)
+}
+
+#[test]
+fn an_idle_pass_brings_no_pack_decrypts_nothing_and_acknowledges_nothing_new() {
+    let f = fleet();
+    f.agent_ok();
+    let acks = f.acks().unwrap();
+    let objects = clone_objects(&f);
+    // Swap the host's identity for another one: an idle pass must not need it (it
+    // decrypts nothing), while a pass with a new rotation must.
+    let identity = f.env.path("agent/keys/web-1.agekey");
+    let real = std::fs::read(&identity).unwrap();
+    std::fs::remove_file(&identity).unwrap();
+    age_keygen(&identity);
+    let log = f.agent_ok();
+    assert!(log.contains("already delivered"), "{log}");
+    assert_eq!(
+        clone_objects(&f),
+        objects,
+        "an idle pass adds no object or pack"
+    );
+    assert_eq!(
+        f.acks().unwrap(),
+        acks,
+        "an idle pass acknowledges nothing new"
+    );
+
+    rotd_ok(&f.env, &["rotate", "s1"]);
+    let before = f.delivered();
+    let o = f.agent_once();
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "a new blob is decrypted: {}",
+        stderr(&o)
+    );
+    assert_eq!(
+        f.delivered(),
+        before,
+        "nothing delivered without the identity"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(&identity, real).unwrap();
+    std::fs::set_permissions(&identity, std::fs::Permissions::from_mode(0o600)).unwrap();
+    f.agent_ok();
+    assert_eq!(f.delivered(), format!("{}\n", f.env.show("s1")));
+}
+
+/// `rotd agent status --json` of web-1.
+fn agent_status(f: &Fleet) -> serde_json::Value {
+    let o = Command::new(rotd_bin())
+        .arg("--config")
+        .arg(&f.agent_config)
+        .args(["agent", "status", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    f.env.record_text(&stdout(&o));
+    serde_json::from_str(&stdout(&o)).unwrap()
+}
+
+/// A one-route HTTP server for the agent's probe: 200 when the request carries
+/// `Authorization: Bearer EXPECTED`, else 401. Serves until the test ends.
+fn bearer_server(expected: std::sync::Arc<std::sync::Mutex<String>>) -> u16 {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut auth = String::new();
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("authorization:") {
+                    auth = line[line.len() - v.len()..].trim().to_owned();
+                }
+            }
+            let ok = auth == format!("Bearer {}", expected.lock().unwrap());
+            let status = if ok { "200 OK" } else { "401 Unauthorized" };
+            let _ = write!(
+                conn,
+                "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+        }
+    });
+    port
+}
+
+#[test]
+fn the_agent_probe_proves_the_new_value_and_a_failed_probe_puts_the_previous_files_back() {
+    let f = fleet();
+    let expected = std::sync::Arc::new(std::sync::Mutex::new(f.env.show("s1")));
+    let port = bearer_server(expected.clone());
+    let cfg = std::fs::read_to_string(&f.agent_config).unwrap();
+    std::fs::write(
+        &f.agent_config,
+        format!("{cfg}[secret.probe]\nattempts = 2\ninterval = \"50ms\"\ntimeout = \"2s\"\nhttp = {{ url = \"http://127.0.0.1:{port}/\", header = \"Authorization: Bearer {{{{secret}}}}\", expect = 200 }}\n"),
+    )
+    .unwrap();
+    let log = f.agent_ok();
+    assert!(log.contains("probe of s1 succeeded"), "{log}");
+    let first = f.rotation();
+    let st = agent_status(&f);
+    assert_eq!(st["secrets"][0]["state"], "ok", "{st}");
+    assert_eq!(st["secrets"][0]["delivered"], first.as_str(), "{st}");
+    assert_eq!(st["secrets"][0]["acked"], first.as_str(), "{st}");
+    assert_eq!(st["last_pass"]["ok"], true, "{st}");
+
+    // The service behind the probe still wants the old value: the new one is not
+    // proven, the previous file is put back, nothing new is acknowledged.
+    let before = f.delivered();
+    rotd_ok(&f.env, &["rotate", "s1"]);
+    let o = f.agent_once();
+    let log = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{log}");
+    assert!(log.contains("the probe failed"), "{log}");
+    assert_eq!(f.delivered(), before, "the previous file is back");
+    let (n, msg) = f.acks().unwrap();
+    assert_eq!(n, 1, "{msg}");
+    assert!(msg.contains(&format!("Rotd-Ack: s1 {first}\n")), "{msg}");
+    let st = agent_status(&f);
+    assert_eq!(st["secrets"][0]["state"], "failing", "{st}");
+    assert_eq!(st["secrets"][0]["store"], f.rotation().as_str(), "{st}");
+    assert!(
+        st["secrets"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("probe"),
+        "{st}"
+    );
+    assert_eq!(st["last_pass"]["ok"], false, "{st}");
+
+    // The service takes the new value: the next pass delivers, proves and acks it.
+    *expected.lock().unwrap() = f.env.show("s1");
+    f.agent_ok();
+    assert_eq!(f.delivered(), format!("{}\n", f.env.show("s1")));
+    assert_eq!(agent_status(&f)["secrets"][0]["state"], "ok");
+    assert!(f
+        .acks()
+        .unwrap()
+        .1
+        .contains(&format!("Rotd-Ack: s1 {}\n", f.rotation())));
+}
+
+#[test]
+fn the_agent_loop_serves_metrics_and_tells_systemd_it_is_ready_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let f = fleet();
+    let port = free_port();
+    let cfg = std::fs::read_to_string(&f.agent_config)
+        .unwrap()
+        .replace("poll = \"30s\"", "poll = \"1h\"");
+    std::fs::write(
+        &f.agent_config,
+        format!("metrics = \"127.0.0.1:{port}\"\n{cfg}"),
+    )
+    .unwrap();
+    let notify_path = f.env.path("agent/notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let log_path = f.env.path("agent/agent.log");
+    let mut child = Command::new(rotd_bin())
+        .arg("--config")
+        .arg(&f.agent_config)
+        .arg("agent")
+        .env("ROTD_LOG", "trace")
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut received = Vec::new();
+    let next = || {
+        let mut buf = [0u8; 512];
+        let n = notify.recv(&mut buf).expect("a notification within 30 s");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    while !received.iter().any(|m: &String| m == "READY=1") {
+        received.push(next());
+    }
+    assert!(
+        received
+            .iter()
+            .any(|m| m.starts_with("STATUS=last pass ok")),
+        "{received:?}"
+    );
+    let metrics = reqwest::blocking::get(format!("http://127.0.0.1:{port}/metrics"))
+        .unwrap()
+        .text()
+        .unwrap();
+    f.env.record_text(&metrics);
+    for want in [
+        "rotd_agent_passes_total{result=\"ok\"} 1",
+        "rotd_agent_unacknowledged{secret=\"s1\"} 0",
+        "rotd_agent_delivery_failing{secret=\"s1\"} 0",
+        "rotd_agent_remote_refused 0",
+        "rotd_agent_delivered_timestamp_seconds{secret=\"s1\"} ",
+    ] {
+        assert!(metrics.contains(want), "{want} in:\n{metrics}");
+    }
+    let health = reqwest::blocking::get(format!("http://127.0.0.1:{port}/healthz")).unwrap();
+    assert_eq!(health.status().as_u16(), 200);
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    while !received.iter().any(|m| m == "STOPPING=1") {
+        received.push(next());
+    }
+    let status = child.wait().unwrap();
+    f.env
+        .record_text(&std::fs::read_to_string(&log_path).unwrap());
+    assert_eq!(status.code(), Some(0));
+}

@@ -17,7 +17,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::config::{self as rotd_config, Problem, RawDeliver, Reporter};
+use crate::config::{self as rotd_config, Problem, RawDeliver, RawProbe, Reporter};
 use crate::deliver;
 
 /// Where `rotd agent` looks for its config when `--config` is not given.
@@ -38,6 +38,9 @@ pub struct Config {
     pub host: String,
     pub store: Store,
     pub secrets: Vec<Secret>,
+    /// `metrics = "ADDR:PORT"`: where `/metrics` and `/healthz` are served (none when
+    /// unset).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// `[store]` of the agent: its own clone of the store remote.
@@ -62,12 +65,16 @@ pub struct Store {
 pub struct Secret {
     pub name: String,
     pub deliver: Vec<deliver::Spec>,
+    /// `[secret.probe]`: an HTTP request with the new value, after the reloads; a
+    /// failure puts the previous files back and the rotation is not acknowledged.
+    pub probe: Option<rotd_config::Probe>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Raw {
     host: Spanned<String>,
+    metrics: Option<Spanned<String>>,
     store: Spanned<RawStore>,
     #[serde(default)]
     secret: Vec<Spanned<RawSecret>>,
@@ -92,6 +99,7 @@ struct RawSecret {
     name: Spanned<String>,
     #[serde(default)]
     deliver: Vec<Spanned<RawDeliver>>,
+    probe: Option<Spanned<RawProbe>>,
 }
 
 /// Loads and checks the agent's config file; every problem found is listed.
@@ -204,12 +212,44 @@ pub fn parse_str(text: &str, path: &Path) -> Result<Config, rotd_config::Error> 
                 deliver.push(spec);
             }
         }
-        secrets.push(Secret { name, deliver });
+        let probe = r.probe.as_ref().map(|p| {
+            let (probe, _) = rotd_config::parse_probe(Some(p), &mut rep);
+            if probe.http.is_none() {
+                rep.at(p, format!("[secret.probe] of {name:?} has no `http`: add http = {{ url = \"…\", header = \"Authorization: Bearer {{{{secret}}}}\", expect = 200 }}, or remove the table"));
+            }
+            if probe.index.is_some() {
+                rep.at(p, "probe.index is an Elasticsearch setting of the rotator; an agent probes with probe.http");
+            }
+            crate::targets::files::check_http_probe(&probe, p.span(), &mut rep);
+            probe
+        });
+        secrets.push(Secret {
+            name,
+            deliver,
+            probe,
+        });
     }
+    let metrics = raw
+        .metrics
+        .as_ref()
+        .and_then(|m| match m.get_ref().parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                rep.at(
+                    m,
+                    format!(
+                        "metrics = {:?} is not an address:port such as \"127.0.0.1:9818\"",
+                        m.get_ref()
+                    ),
+                );
+                None
+            }
+        });
     if !problems.is_empty() {
         return Err(rotd_config::Error(problems));
     }
     Ok(Config {
+        metrics,
         path: path.to_owned(),
         host,
         store: Store {

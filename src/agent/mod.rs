@@ -45,6 +45,7 @@
 
 pub mod ack;
 pub mod config;
+pub mod state;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -55,10 +56,7 @@ use crate::deliver;
 use crate::fsutil;
 use crate::signing::{AllowedSigners, Signer};
 use crate::store::{self, record::key, Record, Slot, Store};
-
-/// Where the agent remembers, per secret, what it delivered last (in the clone's git
-/// directory: never pushed, never in the work tree).
-const STATE_FILE: &str = "rotd-agent-delivered.json";
+use state::State;
 
 /// An agent pass, or its set-up, failed.
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +97,14 @@ pub enum Error {
     },
     #[error("cannot set up signal handling: {0}")]
     Signals(#[source] std::io::Error),
+    #[error("cannot listen for metrics on {addr}: {source}; choose a free address:port in `metrics` of the agent configuration")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write the status: {0}")]
+    Output(#[source] std::io::Error),
     #[error("a blocking task of the agent failed: {0}")]
     Task(String),
 }
@@ -109,7 +115,7 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         use crate::commands::exit;
         match self {
-            Error::Config(_) | Error::SigningKey(_) => exit::CONFIG,
+            Error::Config(_) | Error::SigningKey(_) | Error::Listen { .. } => exit::CONFIG,
             Error::Store(store::Error::Crypto(_) | store::Error::Signing(_))
             | Error::Store(store::Error::File(
                 fsutil::Error::TooOpen { .. }
@@ -127,8 +133,16 @@ impl Error {
     }
 }
 
+/// What the loop shares with the metrics endpoint.
+struct Shared {
+    cfg: config::Config,
+    state: State,
+    counters: state::Counters,
+}
+
 /// Runs the agent with the config at `path`: one pass with `once`, else until SIGTERM.
 pub async fn run(path: &Path, once: bool) -> Result<(), Error> {
+    use crate::daemon::{http, systemd};
     let mut cfg = config::load(path)?;
     if once {
         return pass(&cfg).await;
@@ -137,12 +151,69 @@ pub async fn run(path: &Path, once: bool) -> Result<(), Error> {
     let mut hup = signal(SignalKind::hangup()).map_err(Error::Signals)?;
     let mut term = signal(SignalKind::terminate()).map_err(Error::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
+    let shared = Arc::new(std::sync::Mutex::new(Shared {
+        state: State::load(&State::path(&cfg)),
+        cfg: cfg.clone(),
+        counters: state::Counters::default(),
+    }));
+    let mut background = Vec::new();
+    if let Some(addr) = cfg.metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| Error::Listen {
+                addr: addr.to_string(),
+                source,
+            })?;
+        let sh = Arc::clone(&shared);
+        background.push(tokio::spawn(http::serve(listener, move || {
+            let page = match sh.lock() {
+                Ok(s) => state::render_metrics(&s.cfg, &s.state, &s.counters),
+                Err(_) => String::new(),
+            };
+            async move { page }
+        })));
+        tracing::info!(%addr, "agent metrics on http://{addr}/metrics");
+    }
+    if let Some(every) = systemd::watchdog_interval() {
+        background.push(tokio::spawn(async move {
+            loop {
+                systemd::notify("WATCHDOG=1");
+                tokio::time::sleep(every).await;
+            }
+        }));
+    }
     tracing::info!(host = %cfg.host, poll = ?cfg.store.poll, "rotd agent started");
-    loop {
+    let mut ready = false;
+    let result = loop {
         // Signals that arrive during a pass wait here: a pass is never cut short.
-        match pass(&cfg).await {
+        let mut counters = shared
+            .lock()
+            .map(|s| s.counters.clone())
+            .unwrap_or_default();
+        let outcome = pass_counted(&cfg, &mut counters).await;
+        let st = State::load(&State::path(&cfg));
+        if let Ok(mut s) = shared.lock() {
+            s.state = st.clone();
+            s.counters = counters;
+            s.cfg = cfg.clone();
+        }
+        let summary = match &outcome {
+            Ok(()) => format!(
+                "STATUS=last pass ok at {}",
+                chrono::Utc::now().format("%H:%M:%S")
+            ),
+            Err(e) => format!("STATUS=last pass failed: {e}"),
+        };
+        systemd::notify(&summary);
+        if !ready {
+            // Ready once the first pass has run, whatever its outcome: a pass that
+            // failed safely is retried, and the status says why.
+            systemd::notify("READY=1");
+            ready = true;
+        }
+        match outcome {
             Ok(()) => {}
-            Err(e) if e.is_config() => return Err(e),
+            Err(e) if e.is_config() => break Err(e),
             Err(e) => tracing::error!(error = %e, "agent pass failed; retrying at the next poll"),
         }
         let wait = jittered(cfg.store.poll);
@@ -150,17 +221,30 @@ pub async fn run(path: &Path, once: bool) -> Result<(), Error> {
             _ = tokio::time::sleep(wait) => {}
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: re-reading the configuration and running a pass now");
+                systemd::notify("RELOADING=1");
                 match config::load(path) {
                     Ok(c) => cfg = c,
                     Err(e) => tracing::error!(error = %e, "the new agent configuration is invalid; keeping the running one"),
                 }
+                systemd::notify("READY=1");
             }
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            _ = term.recv() => break Ok(()),
+            _ = int.recv() => break Ok(()),
         }
+    };
+    systemd::notify("STOPPING=1");
+    for b in background {
+        b.abort();
     }
     tracing::info!("rotd agent stopping");
-    Ok(())
+    result
+}
+
+/// `rotd agent status`: what the last passes did, from the clone's state (nothing
+/// fetched, nothing decrypted). Ok(false) when something needs attention.
+pub fn status(path: &Path, json: bool, out: impl std::io::Write) -> Result<bool, Error> {
+    let cfg = config::load(path)?;
+    state::print_status(&cfg, json, out).map_err(Error::Output)
 }
 
 /// `poll` ±10 %.
@@ -240,130 +324,172 @@ fn prepare_clone(cfg: &crate::config::Store) -> Result<(), Error> {
     Ok(())
 }
 
-/// What the agent delivered last: secret name → rotation (or, for a record without
-/// one, `fingerprint:` its keyed hash).
-type Delivered = BTreeMap<String, String>;
-
-fn state_path(cfg: &config::Config) -> PathBuf {
-    cfg.store.path.join(".git").join(STATE_FILE)
-}
-
-fn read_state(path: &Path) -> Delivered {
-    match fsutil::read_optional(path) {
-        Ok(Some(bytes)) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-            tracing::warn!(path = %path.display(), error = %e, "the agent's delivery record is damaged; delivering every secret again");
-            Delivered::new()
-        }),
-        Ok(None) => Delivered::new(),
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "cannot read the agent's delivery record; delivering every secret again");
-            Delivered::new()
-        }
-    }
-}
-
-fn write_state(path: &Path, state: &Delivered) -> Result<(), Error> {
-    let bytes = serde_json::to_vec_pretty(state).expect("a map of strings serializes");
-    fsutil::write_atomic(path, &bytes, 0o600).map_err(|source| Error::State {
-        path: path.to_owned(),
-        source,
-    })
-}
-
 /// What identifies the value a record holds: its rotation id, or (a record made
 /// without one, e.g. imported) a keyed fingerprint that is never acknowledged.
-fn version_of(store: &Store, name: &str, rec: &Record) -> (String, bool) {
+fn version_of(store: &Store, name: &str, rec: &Record) -> String {
     match rec.get(key::ROTATION) {
-        Some(r) if !r.is_empty() => (r.to_owned(), true),
-        _ => (
-            format!("fingerprint:{}", store.fingerprint(name, &rec.secret)),
-            false,
-        ),
+        Some(r) if !r.is_empty() => r.to_owned(),
+        _ => format!("fingerprint:{}", store.fingerprint(name, &rec.secret)),
     }
 }
 
-/// One pass: sync, deliver, acknowledge.
+/// What step 1 found for one secret at the adopted HEAD.
+enum Found {
+    /// No `secrets/NAME.age`: no succeeded rotation yet.
+    Absent,
+    /// The blob this host delivered last: nothing read, nothing decrypted.
+    Unchanged,
+    /// Another blob, decrypted.
+    New { blob: String, record: Record },
+}
+
+/// One pass: sync, deliver, acknowledge. The outcome is recorded in the state file
+/// (and so in `rotd agent status` and `/metrics`) whatever it is.
 pub async fn pass(cfg: &config::Config) -> Result<(), Error> {
+    pass_counted(cfg, &mut state::Counters::default()).await
+}
+
+async fn pass_counted(cfg: &config::Config, counters: &mut state::Counters) -> Result<(), Error> {
+    let path = State::path(cfg);
+    let before = State::load(&path);
+    let mut st = before.clone();
+    let result = pass_inner(cfg, &mut st, counters).await;
+    let now = state::now();
+    st.last_pass = Some(state::Pass {
+        at: now.clone(),
+        ok: result.is_ok(),
+        error: result.as_ref().err().map(|e| e.to_string()),
+        head: st.last_pass.as_ref().and_then(|p| p.head.clone()),
+    });
+    if result.is_ok() {
+        st.last_success = Some(now);
+        counters.passes_ok += 1;
+    } else {
+        counters.passes_failed += 1;
+    }
+    if st != before {
+        if let Err(source) = st.save(&path) {
+            // The first failure is the one to report; a lost state only means that
+            // the next pass delivers again.
+            return result.and(Err(Error::State { path, source }));
+        }
+    }
+    result
+}
+
+async fn pass_inner(
+    cfg: &config::Config,
+    st: &mut State,
+    counters: &mut state::Counters,
+) -> Result<(), Error> {
     let scfg = store_config(cfg);
-    // 1. sync (and read every record at the adopted HEAD).
+    // 1. sync, then find what changed at the adopted HEAD: only a blob this host has
+    //    not delivered is read and decrypted.
     let names: Vec<String> = cfg.secrets.iter().map(|s| s.name.clone()).collect();
-    let (store, records) = blocking(move || {
+    let snapshot = st.clone();
+    let (store, head, found) = blocking(move || {
         prepare_clone(&scfg)?;
         let store = Store::open(&scfg)?;
         if !store.sync_from_remote()? {
             return Err(Error::Unreachable(scfg.remote.clone().unwrap_or_default()));
         }
-        let records: Vec<(String, Result<Option<Record>, store::Error>)> = names
+        let head = store.head_id()?;
+        let found: Vec<(String, Result<Found, store::Error>)> = names
             .into_iter()
             .map(|n| {
-                let r = store.read(&n, Slot::Current);
-                (n, r)
+                let f = (|| {
+                    let path = store::rel_path(&n, Slot::Current);
+                    let Some(blob) = store.head_blob_id(&path)? else {
+                        return Ok(Found::Absent);
+                    };
+                    let blob = blob.to_string();
+                    if snapshot.unchanged(&n, &blob) {
+                        return Ok(Found::Unchanged);
+                    }
+                    match store.read(&n, Slot::Current)? {
+                        Some(record) => Ok(Found::New { blob, record }),
+                        None => Ok(Found::Absent),
+                    }
+                })();
+                (n, f)
             })
             .collect();
-        Ok((Arc::new(store), records))
+        Ok((Arc::new(store), head, found))
     })
     .await?;
+    if let Some(p) = st.last_pass.as_mut() {
+        p.head = head.clone();
+    } else {
+        st.last_pass = Some(state::Pass {
+            at: state::now(),
+            ok: false,
+            error: None,
+            head: head.clone(),
+        });
+    }
 
     // 2. deliver.
-    let state_file = state_path(cfg);
-    let mut state = read_state(&state_file);
     let mut failed = 0;
     let mut unrestored = 0;
-    for (secret, (name, rec)) in cfg.secrets.iter().zip(records) {
-        let rec = match rec {
-            Ok(Some(r)) => r,
-            Ok(None) => {
-                tracing::warn!(secret = %name, "{name} is not in the store yet (no succeeded rotation): nothing to deliver");
+    for (secret, (name, f)) in cfg.secrets.iter().zip(found) {
+        let entry = st.secrets.entry(name.clone()).or_default();
+        let (blob, rec) = match f {
+            Ok(Found::Unchanged) => {
+                tracing::debug!(secret = %name, "already delivered");
                 continue;
             }
+            Ok(Found::Absent) => {
+                tracing::warn!(secret = %name, "{name} is not in the store yet (no succeeded rotation): nothing to deliver");
+                entry.store = None;
+                continue;
+            }
+            Ok(Found::New { blob, record }) => (blob, record),
             Err(e) => {
                 tracing::error!(secret = %name, error = %e, "cannot read {name} from the store");
+                entry.error = Some(format!("cannot read it from the store: {e}"));
                 failed += 1;
                 continue;
             }
         };
-        let (version, _) = version_of(&store, &name, &rec);
-        if state.get(&name) == Some(&version) {
-            tracing::debug!(secret = %name, "already delivered");
+        let version = version_of(&store, &name, &rec);
+        entry.store = Some(version.clone());
+        if entry.delivered.as_ref() == Some(&version) && entry.error.is_none() {
+            // Another blob, the same rotation (re-encrypted by `rekey`): the files hold
+            // it already.
+            entry.blob = Some(blob);
             continue;
         }
-        let encoded = rec
-            .key_id()
-            .map(|id| crate::targets::elasticsearch::encoded(id, &rec.secret));
-        let rotation = rec.get(key::ROTATION).unwrap_or("");
-        let vars = deliver::Vars {
-            secret: &rec.secret,
-            username: rec.username(),
-            key_id: rec.key_id(),
-            encoded: encoded.as_ref(),
-            name: &name,
-            rotation_id: rotation,
-        };
-        match deliver::deliver(&secret.deliver, &vars).await {
-            Ok(_) => {
+        match deliver_one(secret, &name, &rec).await {
+            Ok(()) => {
                 crate::fault::point("agent-rendered");
                 tracing::info!(secret = %name, rotation = %version, "delivered {name} rotation {version}");
-                state.insert(name.clone(), version);
-                write_state(&state_file, &state)?;
+                counters.deliveries_ok += 1;
+                *entry = state::SecretState {
+                    delivered: Some(version.clone()),
+                    blob: Some(blob),
+                    delivered_at: Some(state::now()),
+                    store: Some(version),
+                    error: None,
+                };
+                // Recorded before the acknowledgement: a kill after this point never
+                // delivers the same rotation twice.
+                st.save(&State::path(cfg)).map_err(|source| Error::State {
+                    path: State::path(cfg),
+                    source,
+                })?;
             }
-            Err((e, snap)) => {
+            Err(Failure::Restored(e)) => {
+                counters.deliveries_failed += 1;
                 failed += 1;
-                tracing::error!(secret = %name, error = %e, "delivering {name} failed; putting the previous files back");
-                match deliver::restore(&secret.deliver, snap).await {
-                    Ok(()) => {}
-                    // The files are back; only telling the program failed again (as
-                    // the reload before it did): the host still holds what it held.
-                    Err(re @ deliver::Error::Reload { .. }) => {
-                        tracing::warn!(secret = %name, error = %re, "the previous files of {name} are back, but reloading after the restore failed too");
-                    }
-                    Err(re) => {
-                        // What the files hold is not known any more: claim nothing.
-                        tracing::error!(secret = %name, error = %re, "restoring the previous files of {name} failed too; fix them by hand (the next pass delivers again)");
-                        unrestored += 1;
-                        state.remove(&name);
-                        write_state(&state_file, &state)?;
-                    }
-                }
+                entry.error = Some(e);
+            }
+            Err(Failure::NotRestored(e)) => {
+                counters.deliveries_failed += 1;
+                unrestored += 1;
+                // What the files hold is not known any more: claim nothing.
+                entry.delivered = None;
+                entry.blob = None;
+                entry.error = Some(e);
             }
         }
     }
@@ -372,14 +498,19 @@ pub async fn pass(cfg: &config::Config) -> Result<(), Error> {
     let held: ack::Held = cfg
         .secrets
         .iter()
-        .filter_map(|s| state.get(&s.name).map(|v| (s.name.clone(), v.clone())))
+        .filter_map(|s| {
+            let d = st.secrets.get(&s.name)?.delivered.clone()?;
+            Some((s.name.clone(), d))
+        })
         .filter(|(_, v)| !v.starts_with("fingerprint:"))
         .collect();
     let host = cfg.host.clone();
     let key = cfg.store.signing_key.clone();
     let ssh_key = cfg.store.remote_ssh_key.clone();
-    let st = Arc::clone(&store);
-    blocking(move || acknowledge(&st, &host, &key, ssh_key, &held)).await?;
+    let st_store = Arc::clone(&store);
+    let ack_held = held.clone();
+    blocking(move || acknowledge(&st_store, &host, &key, ssh_key, &ack_held)).await?;
+    st.acked = held.into_iter().collect();
     if unrestored > 0 {
         return Err(Error::NotRestored(unrestored));
     }
@@ -387,6 +518,81 @@ pub async fn pass(cfg: &config::Config) -> Result<(), Error> {
         return Err(Error::Delivery { failed });
     }
     Ok(())
+}
+
+/// Why a delivery failed, and whether the previous files are back.
+enum Failure {
+    Restored(String),
+    NotRestored(String),
+}
+
+/// Writes the files of one secret, reloads, probes; on any failure puts the previous
+/// files back (and reloads again).
+async fn deliver_one(secret: &config::Secret, name: &str, rec: &Record) -> Result<(), Failure> {
+    let encoded = rec
+        .key_id()
+        .map(|id| crate::targets::elasticsearch::encoded(id, &rec.secret));
+    let rotation = rec.get(key::ROTATION).unwrap_or("");
+    let vars = deliver::Vars {
+        secret: &rec.secret,
+        username: rec.username(),
+        key_id: rec.key_id(),
+        encoded: encoded.as_ref(),
+        name,
+        rotation_id: rotation,
+    };
+    let (why, snap) = match deliver::deliver(&secret.deliver, &vars).await {
+        Ok(snap) => match probe(secret, name, rotation, rec).await {
+            Ok(()) => return Ok(()),
+            Err(e) => (e, snap),
+        },
+        Err((e, snap)) => (e.to_string(), snap),
+    };
+    tracing::error!(secret = %name, error = %why, "delivering {name} failed; putting the previous files back");
+    match deliver::restore(&secret.deliver, snap).await {
+        Ok(()) => Err(Failure::Restored(why)),
+        // The files are back; only telling the program failed again (as the reload
+        // before it did): the host still holds what it held.
+        Err(re @ deliver::Error::Reload { .. }) => {
+            tracing::warn!(secret = %name, error = %re, "the previous files of {name} are back, but reloading after the restore failed too");
+            Err(Failure::Restored(why))
+        }
+        Err(re) => {
+            tracing::error!(secret = %name, error = %re, "restoring the previous files of {name} failed too; fix them by hand (the next pass delivers again)");
+            Err(Failure::NotRestored(format!(
+                "{why}; restoring the previous files failed too: {re}"
+            )))
+        }
+    }
+}
+
+/// `[secret.probe]`: the HTTP probe of the `files` target, with the new value.
+async fn probe(
+    secret: &config::Secret,
+    name: &str,
+    rotation: &str,
+    rec: &Record,
+) -> Result<(), String> {
+    let Some(p) = &secret.probe else {
+        return Ok(());
+    };
+    let files = crate::targets::files::Config {
+        http: p.http.clone(),
+    };
+    let no_lookup = |_: &str| Ok(None);
+    let ctx = crate::targets::ProbeContext {
+        name,
+        rotation_id: rotation,
+        probe: p,
+        lookup: &no_lookup,
+    };
+    match files.probe(rec, &ctx).await {
+        Ok(r) => {
+            tracing::info!(secret = %name, elapsed = ?r.elapsed, detail = %r.detail, "probe of {name} succeeded");
+            Ok(())
+        }
+        Err(e) => Err(format!("the probe failed: {e}")),
+    }
 }
 
 /// Step 3: commits and pushes an acknowledgement of `held` unless the remote's tip of

@@ -225,6 +225,14 @@ pub struct Refusal {
 /// Where the last refusal is kept, inside the git directory (never pushed).
 const REFUSAL_FILE: &str = "rotd-remote-refused.json";
 
+/// The refusal recorded in the clone at `store_path`, while it stands (readable
+/// without opening the store: no identity needed).
+pub fn refusal_in(store_path: &Path) -> Option<Refusal> {
+    let path = store_path.join(".git").join(REFUSAL_FILE);
+    let bytes = fsutil::read_optional(&path).ok()??;
+    serde_json::from_slice(&bytes).ok()
+}
+
 /// A held `flock`; released on drop (and by the kernel if the process dies).
 pub struct Lock {
     _file: Flock<File>,
@@ -506,6 +514,28 @@ impl Store {
     pub fn encrypt_for(&self, name: &str, plaintext: &[u8]) -> Result<Vec<u8>, Error> {
         let extra = self.consumer_recipients(name)?;
         Ok(self.keys.encrypt_to(plaintext, &extra)?)
+    }
+
+    /// The id of the blob of a file at HEAD (None: no such file): what changed can be
+    /// told without reading or decrypting it.
+    pub fn head_blob_id(&self, path: &str) -> Result<Option<git2::Oid>, Error> {
+        let repo = self.repo()?;
+        let tree = match repo.head() {
+            Ok(h) => h.peel_to_tree()?,
+            Err(_) => return Ok(None),
+        };
+        match tree.get_path(Path::new(path)) {
+            Ok(entry) => Ok(Some(entry.id())),
+            Err(e) if e.code() == git2::ErrorCode::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The commit HEAD names (None: an empty store).
+    pub fn head_id(&self) -> Result<Option<String>, Error> {
+        let repo = self.repo()?;
+        let head = repo.head().ok().and_then(|h| h.target());
+        Ok(head.map(|o| o.to_string()))
     }
 
     /// The raw (encrypted) bytes of a file at HEAD.
@@ -1003,8 +1033,7 @@ impl Store {
 
     /// The last refusal of the remote's state, while it stands (for `status`).
     pub fn remote_refused(&self) -> Option<Refusal> {
-        let bytes = fsutil::read_optional(&self.refusal_path()).ok()??;
-        serde_json::from_slice(&bytes).ok()
+        refusal_in(&self.cfg.path)
     }
 
     /// Commits on the branch that the remote-tracking branch does not have.

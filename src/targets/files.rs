@@ -19,6 +19,24 @@ pub struct Config {
     pub http: Option<config::HttpProbe>,
 }
 
+/// Checks `probe.http` (its header template) at `at` (the `[probe]` table): the
+/// schedule's `files` target and the agent's `[secret.probe]` share it.
+pub(crate) fn check_http_probe(
+    probe: &config::Probe,
+    at: std::ops::Range<usize>,
+    rep: &mut Reporter<'_>,
+) {
+    let Some(hdr) = probe.http.as_ref().and_then(|h| h.header.as_ref()) else {
+        return;
+    };
+    if !hdr.contains(':') {
+        rep.at(&Spanned::new(at.clone(), ()), "probe.http.header must look like \"Name: value\", e.g. \"Authorization: Bearer {{secret}}\"");
+    }
+    if let Err(m) = crate::deliver::check_placeholders(hdr) {
+        rep.at(&Spanned::new(at, ()), format!("probe.http.header: {m}"));
+    }
+}
+
 impl Config {
     pub(crate) fn from_raw(
         raw: &Spanned<RawTarget>,
@@ -34,18 +52,7 @@ impl Config {
                 "probe.index is an Elasticsearch setting; a `files` target probes with probe.http",
             );
         }
-        if let Some(h) = &probe.http {
-            if let Some(hdr) = &h.header {
-                if !hdr.contains(':') {
-                    let at = Spanned::new(probe_span.clone().unwrap_or(raw.span()), ());
-                    rep.at(&at, "probe.http.header must look like \"Name: value\", e.g. \"Authorization: Bearer {{secret}}\"");
-                }
-                if let Err(m) = crate::deliver::check_placeholders(hdr) {
-                    let at = Spanned::new(probe_span.clone().unwrap_or(raw.span()), ());
-                    rep.at(&at, format!("probe.http.header: {m}"));
-                }
-            }
-        }
+        check_http_probe(probe, probe_span.unwrap_or(raw.span()), rep);
         Some(Config {
             http: probe.http.clone(),
         })
