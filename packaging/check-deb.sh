@@ -11,7 +11,8 @@ for f in ./usr/bin/rotd ./usr/lib/systemd/system/rotd.service ./etc/rotd/rotd.to
          ./usr/share/man/man1/rotd.1.gz ./usr/share/man/man5/rotd.toml.5.gz \
          ./usr/share/bash-completion/completions/rotd ./usr/share/zsh/vendor-completions/_rotd \
          ./usr/share/fish/vendor_completions.d/rotd.fish ./usr/lib/sysusers.d/rotd.conf \
-         ./usr/lib/tmpfiles.d/rotd.conf ./etc/rotd/schedules/prom-remote-write.toml.example; do
+         ./usr/lib/tmpfiles.d/rotd.conf ./etc/rotd/schedules/prom-remote-write.toml.example \
+         ./usr/lib/systemd/system/rotd-agent.service ./etc/rotd/agent.toml.example; do
   grep -q " $f\$" <<<"$contents" || fail "$f missing from the package"
 done
 info=$(dpkg-deb -I "$deb")
@@ -30,9 +31,13 @@ getent passwd rotd >/dev/null || fail "no rotd user"
 [ -d /var/lib/rotd/store/.git ] || fail "postinst did not create the store"
 [ "$(stat -c '%a %U' /etc/rotd/keys/rotd.agekey)" = "600 rotd" ] || fail "identity not 0600 rotd"
 runuser -u rotd -- rotd --config /etc/rotd/rotd.toml check
+# The shipped agent example is a valid agent configuration (status reads it, fetches nothing).
+rotd --config /etc/rotd/agent.toml.example agent status >/dev/null || fail "agent.toml.example is not a valid agent configuration"
 if command -v systemd-analyze >/dev/null; then
-  systemd-analyze verify /usr/lib/systemd/system/rotd.service
-  systemd-analyze security --offline=yes /usr/lib/systemd/system/rotd.service | tail -1
+  for unit in rotd rotd-agent; do
+    systemd-analyze verify /usr/lib/systemd/system/$unit.service
+    systemd-analyze security --offline=yes /usr/lib/systemd/system/$unit.service | tail -1
+  done
 fi
 
 # Upgrade (reinstall over itself): store, identity and an edited config are kept.

@@ -623,7 +623,7 @@ fn load_with(path: &Path, with_schedules: bool, for_init: bool) -> Result<Config
         }
     }
     check_references(&schedules, &store.path, &mut problems);
-    check_consumers(&schedules, &store.hosts, &mut problems);
+    check_consumers(&mut schedules, &store.hosts, &mut problems);
     if problems.is_empty() {
         Ok(Config {
             path: path.to_owned(),
@@ -868,15 +868,34 @@ pub fn parse_schedule_str(
     // The slot rule (rotation::slot_in_grace): with alternating users, a run while
     // the previous user is still in grace waits, so a grace longer than the gap
     // between two runs makes every other run wait.
+    // With consumers the previous user is held until every host acknowledged too,
+    // which may take up to `ack_timeout` before the laggards are even reported.
     if let (Some(c), Some(true)) = (&cron, target.as_ref().map(|t| t.reuses_slots())) {
         let gap = shortest_gap(c, chrono::Utc::now(), GAP_RUNS);
-        if let Some(gap) = gap.filter(|g| grace > *g) {
+        let (held, what) = if consumers.is_empty() {
+            (
+                grace,
+                format!(
+                    "grace = {:?}",
+                    humantime::format_duration(grace).to_string()
+                ),
+            )
+        } else {
+            (
+                grace.saturating_add(ack_timeout),
+                format!(
+                    "grace + ack_timeout ({} + {}, the consumers' time to acknowledge)",
+                    humantime::format_duration(grace),
+                    humantime::format_duration(ack_timeout)
+                ),
+            )
+        };
+        if let Some(gap) = gap.filter(|g| held > *g) {
             warnings.push(Problem {
                 file: file.to_owned(),
                 line: raw.grace.as_ref().map(|g| rep.line_of(g.span().start)),
                 message: format!(
-                    "grace = {:?} is longer than the shortest gap between two runs of schedule = {c:?} ({}): a run while the previous user is still in its grace period waits, so every other scheduled rotation would be skipped; shorten the grace or space the runs",
-                    humantime::format_duration(grace).to_string(),
+                    "{what} is longer than the shortest gap between two runs of schedule = {c:?} ({}): a run while the previous user is still in its grace period (or not yet acknowledged by every consumer) waits, so every other scheduled rotation would be skipped; shorten the grace or ack_timeout, or space the runs",
                     humantime::format_duration(gap)
                 ),
             });
@@ -1314,13 +1333,22 @@ fn validate_consumers(
 
 /// Every consumer must be a host declared in `rotd.toml`.
 fn check_consumers(
-    schedules: &[Schedule],
+    schedules: &mut [Schedule],
     hosts: &BTreeMap<String, Host>,
     problems: &mut Vec<Problem>,
 ) {
     for s in schedules {
         for (c, line) in s.consumers.iter().zip(&s.consumer_lines) {
-            if hosts.contains_key(c) {
+            if let Some(h) = hosts.get(c) {
+                if h.signer.is_none() {
+                    // Its acknowledgements cannot be verified, so none counts: the
+                    // old credential would be kept until `retire --force`.
+                    s.warnings.push(Problem {
+                        file: s.file.clone(),
+                        line: Some(*line),
+                        message: format!("consumers: host {c:?} has no `signer` in [hosts.{c}] of rotd.toml, so its acknowledgements cannot be verified and the old credential of {} is never retired by itself; add the public line of the host's signing key as hosts.{c}.signer", s.name),
+                    });
+                }
                 continue;
             }
             let hint = did_you_mean(c, hosts.keys().map(String::as_str))

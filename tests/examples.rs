@@ -1,4 +1,5 @@
-//! The example schedules in `schedules/` and `keys/recipients.example` stay valid:
+//! The example schedules in `schedules/`, `keys/recipients.example` and the agent's
+//! `packaging/agent.toml.example` stay valid:
 //! they are checked by `rotd check` with their `/etc` paths moved into a temp root.
 
 mod util;
@@ -64,4 +65,33 @@ fn example_schedules_pass_rotd_check() {
             e.path().display()
         );
     }
+}
+
+#[test]
+fn the_example_agent_config_is_valid() {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    // The template the example names is the package's copy of templates/agent.yml.
+    let env = TestEnv::uninitialised();
+    let example = env.path("agent.toml");
+    let text = std::fs::read_to_string(repo.join("packaging/agent.toml.example"))
+        .unwrap()
+        .replace(
+            "\"/usr/share/doc/rotd/templates/",
+            &format!("\"{}/templates/", repo.display()),
+        );
+    std::fs::write(&example, text).unwrap();
+    // `rotd agent status` loads and checks the configuration, and reads only the
+    // clone's state (none here): it fetches nothing.
+    let o = std::process::Command::new(rotd_bin())
+        .arg("--config")
+        .arg(&example)
+        .args(["agent", "status", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let st: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(st["host"], "web-1");
+    assert_eq!(st["secrets"][0]["name"], "prom-remote-write");
+    assert_eq!(st["secrets"][0]["state"], "not-in-store");
+    assert!(st["last_pass"].is_null());
 }

@@ -272,10 +272,46 @@ fn check_warns_when_the_grace_is_longer_than_the_cron_interval() {
         .unwrap_or_else(|| panic!("no grace warning: {out}"));
     assert!(warning.contains("30m"), "{warning}");
     // A grace shorter than the interval: no warning.
-    std::fs::write(&file, text.replace("grace = \"1h\"", "grace = \"10m\"")).unwrap();
+    let short = text.replace("grace = \"1h\"", "grace = \"10m\"");
+    std::fs::write(&file, &short).unwrap();
     let o = env.rotd(&["check"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(!stdout(&o).contains("grace"), "{}", stdout(&o));
+
+    // With consumers, the previous user is held until they acknowledge: grace +
+    // ack_timeout is what must fit. A consumer host without a signer can never
+    // acknowledge: warned too.
+    let recipient = age_keygen(&env.path("keys/h1.agekey"));
+    let cfg = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(
+        &env.config,
+        format!("{cfg}\n[hosts.h1]\nrecipient = \"{recipient}\"\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        &file,
+        short.replace(
+            "grace = \"10m\"",
+            "grace = \"10m\"\nconsumers = [\"h1\"]\nack_timeout = \"25m\"",
+        ),
+    )
+    .unwrap();
+    let o = env.rotd(&["check"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    let warnings: Vec<&str> = out.lines().filter(|l| l.starts_with("warning:")).collect();
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("grace + ack_timeout (10m + 25m") && w.contains("30m")),
+        "{out}"
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("host \"h1\" has no `signer`") && w.contains("hosts.h1.signer")),
+        "{out}"
+    );
 }
 
 #[test]

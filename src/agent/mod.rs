@@ -9,13 +9,15 @@
 //!    (`Store::sync_from_remote`: the store's own trust rule, refusal record and
 //!    log). A refused or unreachable remote fails the pass before anything is
 //!    delivered: the files keep what they hold.
-//! 2. **deliver** — for each `[[secret]]`, reads `secrets/NAME.age` at HEAD (never a
-//!    `.pending.age`: only a succeeded rotation is acted on), decrypts it with the
-//!    host's identity, and when its rotation is not the one this host last delivered
-//!    (`.git/rotd-agent-delivered.json`), renders and writes the files with
-//!    `deliver::deliver` (atomic, modes, owners kept), then reloads. A failed write or
-//!    reload puts the previous files back (`deliver::restore`) and the secret's new
-//!    rotation is not acknowledged.
+//! 2. **deliver** — for each `[[secret]]`, looks at `secrets/NAME.age` at HEAD (never
+//!    a `.pending.age`: only a succeeded rotation is acted on). The blob this host
+//!    delivered last ([`state`]) is neither read nor decrypted: an idle pass costs a
+//!    fetch that brings no pack and a comparison of ids. Another blob is decrypted
+//!    with the host's identity, and when its rotation is not the one this host
+//!    delivered, its files are written with `deliver::deliver` (atomic, modes,
+//!    owners kept), the reloads run, then the optional `[secret.probe]`. A failed
+//!    write, reload or probe puts the previous files back (`deliver::restore`) and the
+//!    secret's new rotation is not acknowledged.
 //! 3. **acknowledge** — a commit signed with the host's key on `refs/rotd/acks/HOST`
 //!    with one `Rotd-Ack: NAME ROTATION` trailer per secret the host holds, pushed
 //!    without force; skipped when the remote's tip already says exactly that
