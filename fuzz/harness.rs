@@ -629,6 +629,12 @@ fn foreign_lines<'a>(text: &'a str, changed: &[&str]) -> Option<Vec<&'a str>> {
     let odd_breaks = text
         .replace("\r\n", "\n")
         .contains(['\r', '\u{85}', '\u{2028}', '\u{2029}']);
+    // The first entry at column 0: a document indented as a whole is YAML too, but
+    // rotd rewrites it whole rather than line by line.
+    let indented = text
+        .lines()
+        .find(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        .is_some_and(|l| l.starts_with([' ', '\t']));
     // A document that is not a mapping (`~`, `null`, indented or not) reads as an
     // empty config: the rewrite replaces it, no line of it is kept.
     let content = text
@@ -638,7 +644,7 @@ fn foreign_lines<'a>(text: &'a str, changed: &[&str]) -> Option<Vec<&'a str>> {
         serde_yaml::from_str::<serde_yaml::Value>(text),
         Ok(serde_yaml::Value::Mapping(_))
     );
-    if !block || odd_breaks || text.trim().is_empty() || (content && !mapping) {
+    if !block || indented || odd_breaks || text.trim().is_empty() || (content && !mapping) {
         return None;
     }
     let headers = text.lines().filter(|l| key(l)).count();

@@ -96,6 +96,9 @@ pub struct Store {
     pub remote_ssh_key: Option<PathBuf>,
     /// File holding a token for an `https://` remote (sent as the password).
     pub remote_token_file: Option<PathBuf>,
+    /// OpenSSH known_hosts file the SSH remote's host key must be listed in
+    /// (`store::transport`); None: libgit2's own check (`~/.ssh/known_hosts`).
+    pub remote_known_hosts: Option<PathBuf>,
     pub author_name: String,
     pub author_email: String,
     /// `[hosts.NAME]` of `rotd.toml`: the hosts a secret can name as consumers.
@@ -198,6 +201,7 @@ struct RawStore {
     allowed_signers: Option<Spanned<PathBuf>>,
     remote_ssh_key: Option<Spanned<PathBuf>>,
     remote_token_file: Option<Spanned<PathBuf>>,
+    remote_known_hosts: Option<Spanned<PathBuf>>,
     author_name: Option<String>,
     author_email: Option<String>,
 }
@@ -516,6 +520,11 @@ fn load_with(path: &Path, with_schedules: bool, for_init: bool) -> Result<Config
             .remote_token_file
             .as_ref()
             .map(|p| rep.resolve(p.get_ref())),
+        remote_known_hosts: raw
+            .store
+            .remote_known_hosts
+            .as_ref()
+            .map(|p| rep.resolve(p.get_ref())),
         author_name: raw.store.author_name.unwrap_or_else(|| "rotd".into()),
         author_email: raw
             .store
@@ -530,6 +539,7 @@ fn load_with(path: &Path, with_schedules: bool, for_init: bool) -> Result<Config
         ("allowed_signers", &raw.store.allowed_signers),
         ("remote_ssh_key", &raw.store.remote_ssh_key),
         ("remote_token_file", &raw.store.remote_token_file),
+        ("remote_known_hosts", &raw.store.remote_known_hosts),
     ] {
         if let Some(p) = p {
             let full = rep.resolve(p.get_ref());

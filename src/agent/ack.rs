@@ -13,7 +13,6 @@
 //! committed: a pass with nothing new leaves the ref alone.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 
 use git2::{Oid, Repository};
 
@@ -59,7 +58,8 @@ fn tracking(host: &str) -> String {
 /// How to reach the remote.
 pub struct Remote<'a> {
     pub host: &'a str,
-    pub ssh_key: Option<PathBuf>,
+    /// The clone's own transport (credentials, SSH host-key check).
+    pub transport: crate::store::transport::Transport,
 }
 
 impl Remote<'_> {
@@ -72,22 +72,7 @@ impl Remote<'_> {
     }
 
     fn callbacks<'cb>(&self) -> git2::RemoteCallbacks<'cb> {
-        let mut cb = git2::RemoteCallbacks::new();
-        let key = self.ssh_key.clone();
-        let mut tries = 0;
-        cb.credentials(move |_url, username, allowed| {
-            tries += 1;
-            if tries > 3 {
-                return Err(git2::Error::from_str(
-                    "remote refused the configured credentials",
-                ));
-            }
-            if let (true, Some(k)) = (allowed.contains(git2::CredentialType::SSH_KEY), &key) {
-                return git2::Cred::ssh_key(username.unwrap_or("git"), None, k, None);
-            }
-            git2::Cred::default()
-        });
-        cb
+        self.transport.callbacks()
     }
 
     /// The remote's acknowledgement tip of this host (None: there is none yet). The
@@ -123,20 +108,10 @@ impl Remote<'_> {
         let mut remote = repo
             .find_remote("origin")
             .map_err(self.git("find the store remote"))?;
-        let rejected = std::cell::RefCell::new(None::<String>);
-        let mut cb = self.callbacks();
-        cb.push_update_reference(|_refname, status| {
-            if let Some(s) = status {
-                *rejected.borrow_mut() = Some(s.to_owned());
-            }
-            Ok(())
-        });
-        let mut opts = git2::PushOptions::new();
-        opts.remote_callbacks(cb);
         let spec = format!("{name}:{name}");
-        let result = remote.push(&[spec.as_str()], Some(&mut opts));
-        drop(opts);
-        if let Some(reason) = rejected.into_inner() {
+        let crate::store::transport::Pushed { rejected, result } =
+            self.transport.push(&mut remote, &spec);
+        if let Some(reason) = rejected {
             return Err(Error::Rejected {
                 refname: name,
                 reason,

@@ -57,6 +57,8 @@ pub struct Store {
     pub allowed_signers: PathBuf,
     /// Private key for an `ssh://` remote.
     pub remote_ssh_key: Option<PathBuf>,
+    /// OpenSSH known_hosts file the SSH remote's host key must be listed in.
+    pub remote_known_hosts: Option<PathBuf>,
     pub poll: Duration,
 }
 
@@ -90,6 +92,7 @@ struct RawStore {
     signing_key: Option<Spanned<PathBuf>>,
     allowed_signers: Option<Spanned<PathBuf>>,
     remote_ssh_key: Option<Spanned<PathBuf>>,
+    remote_known_hosts: Option<Spanned<PathBuf>>,
     poll: Option<Spanned<String>>,
 }
 
@@ -191,6 +194,10 @@ pub fn parse_str(text: &str, path: &Path) -> Result<Config, rotd_config::Error> 
     let store_path = rep.resolve(s.path.get_ref());
     let identity = rep.resolve(s.identity.get_ref());
     let remote_ssh_key = s.remote_ssh_key.as_ref().map(|k| rep.resolve(k.get_ref()));
+    let remote_known_hosts = s
+        .remote_known_hosts
+        .as_ref()
+        .map(|k| rep.resolve(k.get_ref()));
     let mut secrets: Vec<Secret> = Vec::new();
     for sec in &raw.secret {
         let r = sec.get_ref();
@@ -261,6 +268,7 @@ pub fn parse_str(text: &str, path: &Path) -> Result<Config, rotd_config::Error> 
             allowed_signers: allowed_signers
                 .expect("a missing allowed_signers is a problem reported above"),
             remote_ssh_key,
+            remote_known_hosts,
             poll,
         },
         secrets,

@@ -283,6 +283,7 @@ fn store_config(cfg: &config::Config) -> crate::config::Store {
         allowed_signers: Some(s.allowed_signers.clone()),
         remote_ssh_key: s.remote_ssh_key.clone(),
         remote_token_file: None,
+        remote_known_hosts: s.remote_known_hosts.clone(),
         author_name: cfg.host.clone(),
         author_email: format!("rotd-agent@{}", cfg.host),
         hosts: BTreeMap::new(),
@@ -508,10 +509,9 @@ async fn pass_inner(
         .collect();
     let host = cfg.host.clone();
     let key = cfg.store.signing_key.clone();
-    let ssh_key = cfg.store.remote_ssh_key.clone();
     let st_store = Arc::clone(&store);
     let ack_held = held.clone();
-    blocking(move || acknowledge(&st_store, &host, &key, ssh_key, &ack_held)).await?;
+    blocking(move || acknowledge(&st_store, &host, &key, &ack_held)).await?;
     st.acked = held.into_iter().collect();
     if unrestored > 0 {
         return Err(Error::NotRestored(unrestored));
@@ -599,13 +599,7 @@ async fn probe(
 
 /// Step 3: commits and pushes an acknowledgement of `held` unless the remote's tip of
 /// this host already states it.
-fn acknowledge(
-    store: &Store,
-    host: &str,
-    key: &Path,
-    ssh_key: Option<PathBuf>,
-    held: &ack::Held,
-) -> Result<(), Error> {
+fn acknowledge(store: &Store, host: &str, key: &Path, held: &ack::Held) -> Result<(), Error> {
     let signer = Signer::from_file(key).map_err(Error::SigningKey)?;
     let own = AllowedSigners::parse(&format!(
         "rotd-agent@{host} {}\n",
@@ -615,7 +609,10 @@ fn acknowledge(
     // One rotd process at a time updates the clone's ack refs (see `fetch_tip`).
     let _lock = store.lock_store()?;
     let repo = store.repo()?;
-    let remote = ack::Remote { host, ssh_key };
+    let remote = ack::Remote {
+        host,
+        transport: store.transport(),
+    };
     let tip = remote.fetch_tip(&repo)?;
     if let Some(t) = tip {
         if ack::acknowledged(&repo, t, &own).as_ref() == Some(held) {

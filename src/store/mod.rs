@@ -35,6 +35,7 @@
 pub mod acks;
 pub mod crypto;
 pub mod record;
+pub mod transport;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -694,42 +695,18 @@ impl Store {
         Ok(push)
     }
 
+    /// How this store reaches its remote (credentials, SSH host-key check).
+    pub fn transport(&self) -> transport::Transport {
+        transport::Transport {
+            url: self.cfg.remote.clone().unwrap_or_default(),
+            ssh_key: self.cfg.remote_ssh_key.clone(),
+            token_file: self.cfg.remote_token_file.clone(),
+            known_hosts: self.cfg.remote_known_hosts.clone(),
+        }
+    }
+
     fn callbacks(&self) -> git2::RemoteCallbacks<'_> {
-        let mut cb = git2::RemoteCallbacks::new();
-        let ssh_key = self.cfg.remote_ssh_key.clone();
-        let token_file = self.cfg.remote_token_file.clone();
-        let mut tries = 0;
-        cb.credentials(move |_url, username, allowed| {
-            tries += 1;
-            if tries > 3 {
-                return Err(git2::Error::from_str(
-                    "remote refused the configured credentials",
-                ));
-            }
-            if allowed.contains(git2::CredentialType::SSH_KEY) {
-                if let Some(k) = &ssh_key {
-                    return git2::Cred::ssh_key(username.unwrap_or("git"), None, k, None);
-                }
-            }
-            if allowed.contains(git2::CredentialType::USER_PASS_PLAINTEXT) {
-                if let Some(t) = &token_file {
-                    let token = fsutil::read_text(t, fsutil::MAX_KEY_FILE)
-                        .map(zeroize::Zeroizing::new)
-                        .map_err(|e| {
-                            git2::Error::from_str(&format!(
-                                "cannot read remote_token_file {}: {e}",
-                                t.display()
-                            ))
-                        })?;
-                    return git2::Cred::userpass_plaintext(
-                        username.unwrap_or("rotd"),
-                        token.trim(),
-                    );
-                }
-            }
-            git2::Cred::default()
-        });
-        cb
+        self.transport().callbacks()
     }
 
     /// Pushes the branch to the remote (when one is configured), under the store lock:
@@ -749,20 +726,9 @@ impl Store {
         }
         let repo = self.repo()?;
         let mut remote = repo.find_remote("origin")?;
-        let rejected = std::cell::RefCell::new(None::<String>);
-        let mut cb = self.callbacks();
-        cb.push_update_reference(|_refname, status| {
-            if let Some(s) = status {
-                *rejected.borrow_mut() = Some(s.to_owned());
-            }
-            Ok(())
-        });
-        let mut opts = git2::PushOptions::new();
-        opts.remote_callbacks(cb);
         let spec = format!("refs/heads/{b}:refs/heads/{b}", b = self.cfg.branch);
-        let result = remote.push(&[spec.as_str()], Some(&mut opts));
-        drop(opts);
-        if let Some(reason) = rejected.into_inner() {
+        let transport::Pushed { rejected, result } = self.transport().push(&mut remote, &spec);
+        if let Some(reason) = rejected {
             return Ok(Push::Rejected(reason));
         }
         match result {
