@@ -138,7 +138,7 @@ pub fn prom_query(data: &[u8]) {
 /// request. The client reads one answer line and does with it what `rotd rotate`,
 /// `rotd status` and `rotd reload` do: print it, pick the exit code.
 pub fn control(data: &[u8]) {
-    use rotd::daemon::control::{Request, Response};
+    use rotd::control::{Request, Response};
 
     for line in data.split(|b| *b == b'\n') {
         let line = line.strip_suffix(b"\r").unwrap_or(line);

@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::audit;
 use crate::cli::{Cli, Command};
 use crate::config::{self, Config};
-use crate::daemon::control::{self, Request};
+use crate::control::{self, Request};
 use crate::history;
 use crate::rotation::{self, Engine, Trigger};
 use crate::secret::Secret;
@@ -17,13 +17,7 @@ use crate::store::record::key;
 use crate::store::{self, rel_path, Message, Record, Slot, Store};
 
 /// Exit codes (contract).
-pub mod exit {
-    pub const OK: i32 = 0;
-    pub const ROLLED_BACK: i32 = 1;
-    pub const NOT_ROLLED_BACK: i32 = 2;
-    pub const USAGE: i32 = 64;
-    pub const CONFIG: i32 = 78;
-}
+pub use crate::exit;
 
 /// A command failed before or outside a rotation.
 #[derive(Debug, thiserror::Error)]

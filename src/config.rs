@@ -15,7 +15,6 @@
 //! config tree can be moved as a whole.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -27,42 +26,12 @@ use crate::deliver;
 use crate::secret::Charset;
 use crate::targets;
 
+pub use crate::store::config::{consumers_of, Config as Store, Host};
+pub(crate) use crate::syntax::{bounded, bounded_count, toml_problem, Reporter};
+pub use crate::syntax::{bounds, parse_duration, valid_name, Error, Problem};
+
 /// Where `rotd` looks for its config when neither `--config` nor `$ROTD_CONFIG` is set.
 pub const DEFAULT_PATH: &str = "/etc/rotd/rotd.toml";
-
-/// One thing wrong with the configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    pub file: PathBuf,
-    /// 1-based line, when the problem is at a place in the file.
-    pub line: Option<usize>,
-    pub message: String,
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.line {
-            Some(l) => write!(f, "{}:{}: {}", self.file.display(), l, self.message),
-            None => write!(f, "{}: {}", self.file.display(), self.message),
-        }
-    }
-}
-
-/// The configuration is invalid; every problem found is listed.
-#[derive(Debug, thiserror::Error)]
-pub struct Error(pub Vec<Problem>);
-
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, p) in self.0.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{p}")?;
-        }
-        Ok(())
-    }
-}
 
 /// The whole checked configuration.
 #[derive(Debug, Clone)]
@@ -77,35 +46,6 @@ impl Config {
     pub fn schedule(&self, name: &str) -> Option<&Schedule> {
         self.schedules.iter().find(|s| s.name == name)
     }
-}
-
-/// `[store]`.
-#[derive(Debug, Clone)]
-pub struct Store {
-    pub path: PathBuf,
-    pub remote: Option<String>,
-    pub branch: String,
-    pub identity: PathBuf,
-    pub recipients: Option<PathBuf>,
-    pub signing_key: Option<PathBuf>,
-    /// git's allowed-signers file: the keys whose commits are adopted from the remote
-    /// and accepted by `rotd verify` and `history`. This instance's own signing key is
-    /// always trusted too.
-    pub allowed_signers: Option<PathBuf>,
-    /// Private key for an `ssh://` remote.
-    pub remote_ssh_key: Option<PathBuf>,
-    /// File holding a token for an `https://` remote (sent as the password).
-    pub remote_token_file: Option<PathBuf>,
-    /// OpenSSH known_hosts file the SSH remote's host key must be listed in
-    /// (`store::transport`); None: libgit2's own check (`~/.ssh/known_hosts`).
-    pub remote_known_hosts: Option<PathBuf>,
-    pub author_name: String,
-    pub author_email: String,
-    /// `[hosts.NAME]` of `rotd.toml`: the hosts a secret can name as consumers.
-    pub hosts: BTreeMap<String, Host>,
-    /// The schedules directory, where a secret's consumers are read from when it is
-    /// encrypted (see [`consumers_of`]).
-    pub schedules: PathBuf,
 }
 
 /// `[daemon]`.
@@ -383,74 +323,6 @@ pub(crate) fn parse_probe(
 
 // ---------------------------------------------------------------- loading
 
-/// Collects problems for one file, turning byte spans into line numbers.
-pub(crate) struct Reporter<'a> {
-    file: &'a Path,
-    text: &'a str,
-    problems: &'a mut Vec<Problem>,
-}
-
-impl<'a> Reporter<'a> {
-    /// A reporter for problems of `file`, whose text is `text`.
-    pub(crate) fn new(file: &'a Path, text: &'a str, problems: &'a mut Vec<Problem>) -> Self {
-        Reporter {
-            file,
-            text,
-            problems,
-        }
-    }
-
-    fn line_of(&self, offset: usize) -> usize {
-        let end = offset.min(self.text.len());
-        self.text.as_bytes()[..end]
-            .iter()
-            .filter(|&&b| b == b'\n')
-            .count()
-            + 1
-    }
-
-    pub(crate) fn at<T>(&mut self, spanned: &Spanned<T>, message: impl Into<String>) {
-        let line = self.line_of(spanned.span().start);
-        self.problems.push(Problem {
-            file: self.file.to_owned(),
-            line: Some(line),
-            message: message.into(),
-        });
-    }
-
-    /// How many problems have been reported so far (to tell whether a part is clean).
-    pub(crate) fn count(&self) -> usize {
-        self.problems.len()
-    }
-
-    fn base(&self) -> &Path {
-        self.file.parent().unwrap_or(Path::new("."))
-    }
-
-    pub(crate) fn resolve(&self, p: &Path) -> PathBuf {
-        if p.is_absolute() {
-            p.to_owned()
-        } else {
-            self.base().join(p)
-        }
-    }
-}
-
-pub(crate) fn toml_problem(file: &Path, text: &str, e: &toml::de::Error) -> Problem {
-    let line = e.span().map(|s| {
-        text.as_bytes()[..s.start.min(text.len())]
-            .iter()
-            .filter(|&&b| b == b'\n')
-            .count()
-            + 1
-    });
-    Problem {
-        file: file.to_owned(),
-        line,
-        message: format!("{}; fix the TOML and run `rotd check`", e.message()),
-    }
-}
-
 /// Loads and checks `rotd.toml` and every schedule it points to.
 pub fn load(path: &Path) -> Result<Config, Error> {
     load_with(path, true, false)
@@ -485,11 +357,7 @@ fn load_with(path: &Path, with_schedules: bool, for_init: bool) -> Result<Config
         Ok(r) => r,
         Err(e) => return Err(Error(vec![toml_problem(path, &text, &e)])),
     };
-    let mut rep = Reporter {
-        file: path,
-        text: &text,
-        problems: &mut problems,
-    };
+    let mut rep = Reporter::new(path, &text, &mut problems);
     let store = Store {
         path: rep.resolve(raw.store.path.get_ref()),
         remote: raw.store.remote.map(|r| r.into_inner()),
@@ -646,106 +514,6 @@ fn load_with(path: &Path, with_schedules: bool, for_init: bool) -> Result<Config
     }
 }
 
-/// Is `name` usable as a secret name (a file name in `secrets/`)?
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 128
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
-        && name.as_bytes()[0].is_ascii_alphanumeric()
-        && !name.ends_with(".pending")
-}
-
-/// Parses a duration such as `15m`, `1h 30m`, `0s`; at most [`bounds::ANY`].
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s.trim()).map_err(|e| {
-        format!("{s:?} is not a duration ({e}); write it like \"90s\", \"15m\" or \"1h 30m\"")
-    })?;
-    if d > bounds::ANY.0 {
-        return Err(format!(
-            "{s:?} is longer than {}, the longest duration rotd accepts",
-            bounds::ANY.1
-        ));
-    }
-    Ok(d)
-}
-
-/// Upper bounds of the durations in the configuration (value, and how it is written
-/// in errors and the README). Every time rotd computes from a configured duration
-/// (the next run, a retire-after, an expiry) then stays far inside the calendar's
-/// range, so the scheduler cannot overflow; and each bound is well past any sensible
-/// setting, so it only catches mistakes and hostile files.
-pub mod bounds {
-    use std::time::Duration;
-
-    const DAY: u64 = 86_400;
-
-    /// Any duration (e.g. an Elasticsearch key's `expiration`, `max_age`): ten years
-    /// of 365.25 days, so `"10y"` is accepted.
-    pub const ANY: (Duration, &str) = (Duration::from_secs(3_652 * DAY + 12 * 3_600), "10y");
-    /// A random delay spreads rotations over minutes or hours, not days.
-    pub const JITTER: (Duration, &str) = (Duration::from_secs(DAY), "24h");
-    /// How long the previous credential stays valid.
-    pub const GRACE: (Duration, &str) = (Duration::from_secs(365 * DAY), "365d");
-    /// The first pause between retries (later ones double, capped at 1 h).
-    pub const RETRY_BACKOFF: (Duration, &str) = (Duration::from_secs(DAY), "24h");
-    /// One probe request.
-    pub const PROBE_TIMEOUT: (Duration, &str) = (Duration::from_secs(600), "10m");
-    /// The pause between probe attempts.
-    pub const PROBE_INTERVAL: (Duration, &str) = (Duration::from_secs(3_600), "1h");
-    /// How long SIGTERM waits for rotations in flight.
-    pub const SHUTDOWN_GRACE: (Duration, &str) = (Duration::from_secs(3_600), "1h");
-    /// Scheduled attempts after a failure.
-    pub const RETRIES: u32 = 100;
-    /// Probe attempts (each up to `timeout` + `interval`, the secret's lock held).
-    pub const PROBE_ATTEMPTS: u32 = 1_000;
-    /// How long consumers have to acknowledge a rotation.
-    pub const ACK_TIMEOUT: (Duration, &str) = (Duration::from_secs(30 * DAY), "30d");
-}
-
-/// Parses the duration at `v` and checks it against `bound`; a problem (file:line)
-/// otherwise.
-fn bounded(
-    v: &Spanned<String>,
-    what: &str,
-    bound: (Duration, &str),
-    rep: &mut Reporter<'_>,
-) -> Option<Duration> {
-    match parse_duration(v.get_ref()) {
-        Ok(d) if d <= bound.0 => Some(d),
-        Ok(_) => {
-            rep.at(
-                v,
-                format!(
-                    "{what} = {:?} is longer than its limit of {}; use at most {}",
-                    v.get_ref(),
-                    bound.1,
-                    bound.1
-                ),
-            );
-            None
-        }
-        Err(m) => {
-            rep.at(v, format!("{what}: {m}"));
-            None
-        }
-    }
-}
-
-/// A count at `v` checked against its upper bound.
-fn bounded_count(v: &Spanned<u32>, what: &str, max: u32, rep: &mut Reporter<'_>) -> Option<u32> {
-    if *v.get_ref() <= max {
-        Some(*v.get_ref())
-    } else {
-        rep.at(
-            v,
-            format!("{what} = {} is more than its limit of {max}", v.get_ref()),
-        );
-        None
-    }
-}
-
 /// Loads one schedule file; problems go to `problems`.
 pub fn load_schedule(file: &Path, problems: &mut Vec<Problem>) -> Option<Schedule> {
     let text = match crate::fsutil::read_text(file, crate::fsutil::MAX_LIST_FILE) {
@@ -778,11 +546,7 @@ pub fn parse_schedule_str(
         }
     };
     let before = problems.len();
-    let mut rep = Reporter {
-        file,
-        text,
-        problems,
-    };
+    let mut rep = Reporter::new(file, text, problems);
     let name = raw.name.get_ref().clone();
     if !valid_name(&name) {
         rep.at(&raw.name, format!("name = {name:?} is not a valid secret name; use lower-case letters, digits, '-', '_' and '.', starting with a letter or digit"));
@@ -1075,7 +839,7 @@ pub(crate) fn validate_deliver(
     rep: &mut Reporter<'_>,
 ) -> Option<deliver::Spec> {
     let raw = d.get_ref();
-    let before = rep.problems.len();
+    let before = rep.count();
     let body = match (&raw.content, &raw.template) {
         (Some(c), None) => {
             if let Err(m) = deliver::check_placeholders(c.get_ref()) {
@@ -1189,7 +953,7 @@ pub(crate) fn validate_deliver(
             }
         }
     });
-    if rep.problems.len() > before {
+    if rep.count() > before {
         return None;
     }
     Some(deliver::Spec {
@@ -1243,18 +1007,6 @@ fn check_references(schedules: &[Schedule], store: &Path, problems: &mut Vec<Pro
 
 /// `ack_timeout` when a schedule does not set it.
 pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(3_600);
-
-/// `[hosts.NAME]` of `rotd.toml`: a host whose programs use some secrets (DESIGN §7).
-/// A secret is encrypted to the hosts its schedule lists in `consumers`, and to no
-/// other host, so a host can decrypt only what it uses.
-#[derive(Debug, Clone)]
-pub struct Host {
-    pub name: String,
-    /// An `age1…` X25519 recipient or an `ssh-ed25519` public key line (checked at load).
-    pub recipient: String,
-    /// Verifies the host's acknowledgements (OpenSSH public key line).
-    pub signer: Option<ssh_key::PublicKey>,
-}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1400,39 +1152,6 @@ fn edit_distance(a: &str, b: &str) -> usize {
         }
     }
     row[b.len()]
-}
-
-/// Only `consumers` of a schedule file; the rest is checked by [`load_schedule`].
-#[derive(Deserialize)]
-struct RawConsumersOnly {
-    #[serde(default)]
-    consumers: Vec<String>,
-}
-
-/// The consumers of secret `name`, read from `schedules/NAME.toml` now: the hosts it is
-/// encrypted to besides the global recipients. A secret without a schedule file (only
-/// imported) has none. Reading the file at each encryption (not the daemon's loaded
-/// copy) means a change of consumers takes effect at the next write of the secret
-/// (a rotation or `rotd rekey`) without a reload.
-pub fn consumers_of(schedules_dir: &Path, name: &str) -> Result<Vec<String>, String> {
-    if !valid_name(name) {
-        return Err(format!("{name:?} is not a valid secret name"));
-    }
-    let file = schedules_dir.join(format!("{name}.toml"));
-    let bytes = match crate::fsutil::read_optional(&file) {
-        Ok(Some(b)) => b,
-        Ok(None) => return Ok(Vec::new()),
-        Err(e) => return Err(e.to_string()),
-    };
-    let text = String::from_utf8(bytes)
-        .map_err(|_| format!("schedule {} is not UTF-8 text", file.display()))?;
-    let raw: RawConsumersOnly = toml::from_str(&text).map_err(|e| {
-        format!(
-            "{}; fix it and run `rotd check`",
-            toml_problem(&file, &text, &e)
-        )
-    })?;
-    Ok(raw.consumers)
 }
 
 impl RawTarget {

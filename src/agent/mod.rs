@@ -115,7 +115,7 @@ impl Error {
     /// Exit code (DESIGN §2): 78 when the configuration or a key file is wrong, 1 when
     /// a pass failed safely, 2 when a consumer's previous files could not be put back.
     pub fn exit_code(&self) -> i32 {
-        use crate::commands::exit;
+        use crate::exit;
         match self {
             Error::Config(_) | Error::SigningKey(_) | Error::Listen { .. } => exit::CONFIG,
             Error::Store(store::Error::Crypto(_) | store::Error::Signing(_))
@@ -131,7 +131,7 @@ impl Error {
 
     /// A problem the next pass cannot fix by itself (the loop stops on it).
     fn is_config(&self) -> bool {
-        self.exit_code() == crate::commands::exit::CONFIG
+        self.exit_code() == crate::exit::CONFIG
     }
 }
 

@@ -27,7 +27,6 @@
 //! stops half-way on its own, and a hard kill is covered by the journal (recovery at
 //! the next start).
 
-pub mod control;
 pub mod http;
 pub mod limits;
 pub mod scheduler;
@@ -45,11 +44,11 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::config::{self, Config, Problem, Schedule};
+use crate::control::{Request, Response, RotateResult};
 use crate::metrics::{Gauges, Metrics, SecretGauges};
 use crate::rotation::{Engine, Outcome, Trigger};
 use crate::store::record::key;
 use crate::store::{Slot, Store};
-use control::{Request, Response, RotateResult};
 
 /// The daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -1034,7 +1033,7 @@ async fn answer(req: Request, uid: u32, user: Option<String>, shared: &Arc<Share
             };
             if let Some(unknown) = names.iter().find(|n| cfg.schedule(n).is_none()) {
                 return Response {
-                    exit_code: Some(crate::commands::exit::USAGE),
+                    exit_code: Some(crate::exit::USAGE),
                     ..Response::error(format!(
                         "no schedule named {unknown:?}; list them with `rotd status`"
                     ))

@@ -18,8 +18,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::config::Host;
 use super::{Error, Store};
-use crate::config::Host;
 use crate::signing::{self, AllowedSigners};
 
 /// Where a host's acknowledgements live, on the remote and in this clone.

@@ -33,6 +33,7 @@
 //! work tree is kept equal to HEAD for the stock tools (`age -d secrets/NAME.age`).
 
 pub mod acks;
+pub mod config;
 pub mod crypto;
 pub mod record;
 pub mod transport;
@@ -44,10 +45,10 @@ use std::sync::{Arc, Once};
 use git2::{Oid, Repository, Signature};
 use nix::fcntl::{Flock, FlockArg};
 
-use crate::config;
 use crate::fsutil;
 use crate::secret::Secret;
 use crate::signing::{self, AllowedSigners, Signer};
+pub use config::{Config, Host};
 pub use crypto::Keys;
 pub use record::Record;
 
@@ -241,7 +242,7 @@ pub struct Lock {
 
 /// The git store with its keys.
 pub struct Store {
-    cfg: config::Store,
+    cfg: Config,
     keys: Arc<Keys>,
     /// Signs every commit when `store.signing_key` is set.
     signer: Option<Arc<Signer>>,
@@ -274,7 +275,7 @@ fn enable_fsync() {
 
 impl Store {
     /// Opens an initialised store, loading the keys.
-    pub fn open(cfg: &config::Store) -> Result<Store, Error> {
+    pub fn open(cfg: &Config) -> Result<Store, Error> {
         enable_fsync();
         if !cfg.path.join(".git").is_dir() {
             return Err(Error::NotInitialised(cfg.path.clone()));
@@ -288,7 +289,7 @@ impl Store {
     }
 
     /// Creates the store repository (and the identity if missing). Idempotent.
-    pub fn init(cfg: &config::Store) -> Result<InitReport, Error> {
+    pub fn init(cfg: &Config) -> Result<InitReport, Error> {
         enable_fsync();
         let mut report = InitReport::default();
         if !cfg.identity.exists() {
@@ -387,7 +388,7 @@ impl Store {
         format!("{host}:{}", self.cfg.path.display())
     }
 
-    pub fn config(&self) -> &config::Store {
+    pub fn config(&self) -> &Config {
         &self.cfg
     }
 
@@ -1085,7 +1086,7 @@ pub(crate) fn clear_stale_ref_locks(repo: &Repository, ref_dir: &str) {
     }
 }
 
-fn load_signer(cfg: &config::Store) -> Result<Option<Arc<Signer>>, Error> {
+fn load_signer(cfg: &Config) -> Result<Option<Arc<Signer>>, Error> {
     match &cfg.signing_key {
         Some(p) => Ok(Some(Arc::new(Signer::from_file(p)?))),
         None => Ok(None),
