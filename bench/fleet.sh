@@ -25,7 +25,8 @@
 #        ROTD=PATH   use this rotd binary instead of building
 #        KEEP=1      keep the work directory (its path is printed at the end)
 # Needs age-keygen, ssh-keygen, git (with git-daemon), python3, prometheus, htpasswd
-# (apache2-utils), curl; gdb for the decryption count (skipped without it).
+# (apache2-utils), curl; gdb for the decryption count and strace for the fsync counts
+# (each skipped without it).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -276,6 +277,17 @@ from=$(wc -l <"$A/daemon.log")
 "$ROTD" agent --config "$cfg" --once 2>/dev/null
 idle_conns=$(connections "$A/daemon.log" "$from")
 o2=$(objects); r2=$(ackref)
+# What one pass writes to disk (strace, when installed): its fsync calls, and the
+# files it renames or links into place.
+idle_fsync="not counted (no strace)"
+idle_writes="-"
+if command -v strace >/dev/null; then
+  strace -f -qq -e trace=fsync,fdatasync,rename,renameat,renameat2,link,linkat -o "$A/idle.strace" \
+    "$ROTD" agent --config "$cfg" --once 2>/dev/null
+  idle_fsync=$(grep -cE '(fsync|fdatasync)\(' "$A/idle.strace" || true)
+  idle_writes=$(sed -nE 's/.*(rename|link)[a-z0-9]*\(.*"([^"]+)"\) += 0$/\2/p' "$A/idle.strace" |
+    sed "s|^$clone/||" | sort | uniq -c | awk '{printf "%s%s ×%d", (NR > 1 ? ", " : ""), $2, $1}')
+fi
 
 # ---- (c) the retire step with C consumers --------------------------------------
 C_ROWS=()
@@ -317,19 +329,28 @@ TOML
   # "retire": every consumer's ack is new since the last fetch, `retire` retires;
   # "wait":   every ack but one is new, `retire` reads them all and waits (the last
   #           ack is written after it, and a second, untimed `retire` retires).
-  for kind in $(printf 'retire %.0s' $(seq "$RUNS")) $(printf 'wait %.0s' $(seq "$RUNS")) git-retire git-wait; do
+  for kind in $(printf 'retire %.0s' $(seq "$RUNS")) $(printf 'wait %.0s' $(seq "$RUNS")) git-retire git-wait $(command -v strace >/dev/null && echo strace-retire); do
     conf=$C/rotd.toml
-    if [ "${kind#git-}" != "$kind" ]; then
-      conf=$C/rotd-git.toml
-      "$ROTD" --config "$conf" init >/dev/null # the store's origin moves to git://
-    fi
+    case $kind in
+      git-retire)
+        conf=$C/rotd-git.toml
+        "$ROTD" --config "$conf" init >/dev/null # the store's origin moves to git://
+        ;;
+      git-wait) conf=$C/rotd-git.toml ;;
+      strace-retire) "$ROTD" --config "$conf" init >/dev/null ;; # back to the path
+    esac
     "$ROTD" --config "$conf" rotate s >/dev/null 2>&1
     rot=$(last_rotation "$C")
     for h in "${chosts[@]:1}"; do ack "$C" "$h" "$rot"; done
     before=$(retired_count "$C")
     case $kind in *retire) ack "$C" "${chosts[0]}" "$rot" ;; esac
     from=$(wc -l <"$C/daemon.log")
-    python3 "$HERE/timeit.py" 1 "$C/one.txt" -- "$ROTD" --config "$conf" retire s
+    if [ "$kind" = strace-retire ]; then
+      strace -f -qq -c -o "$C/retire.strace" "$ROTD" --config "$conf" retire s >/dev/null
+      : >"$C/one.txt"
+    else
+      python3 "$HERE/timeit.py" 1 "$C/one.txt" -- "$ROTD" --config "$conf" retire s
+    fi
     conns=$(connections "$C/daemon.log" "$from")
     case $kind in
       *retire) want=$((before + 1)) ;;
@@ -341,6 +362,7 @@ TOML
       wait) cat "$C/one.txt" >>"$C/wait.txt" ;;
       git-retire) retire_conns=$conns git_ms=$(awk '{printf "%.1f", $1 * 1000}' "$C/one.txt") ;;
       git-wait) wait_conns=$conns ;;
+      strace-retire) fsyncs=$(awk '$NF == "fsync" {print $4}' "$C/retire.strace") ;;
     esac
     case $kind in
       *wait)
@@ -351,7 +373,7 @@ TOML
   done
   read -r w_med w_max _ < <(stats "$C/wait.txt" median max)
   read -r r_med r_max _ < <(stats "$C/retire.txt" median max)
-  C_ROWS+=("| $c | $r_med | $r_max | $w_med | $w_max | $git_ms | $retire_conns | $wait_conns |")
+  C_ROWS+=("| $c | $r_med | $r_max | $w_med | $w_max | $git_ms | $retire_conns | $wait_conns | ${fsyncs:--} |")
   kill "$recv_pid" "$daemon_pid"
   wait "$recv_pid" "$daemon_pid" 2>/dev/null || true
 done
@@ -377,6 +399,8 @@ Measured $(date -u '+%Y-%m-%d %H:%M UTC'); $(nproc) CPUs; load average at the en
 | the delivered file (mtime) | $( [ "$f0" = "$f1" ] && echo unchanged || echo changed ) |
 | decryptions in one pass (calls of Keys::decrypt, gdb) | $decrypts |
 | connections of one pass to a git:// remote | $idle_conns |
+| fsync calls of one pass (strace) | $idle_fsync |
+| files one pass renames or links into place (strace) | ${idle_writes:-none} |
 
 log lines of one idle pass at ROTD_LOG=debug (count, level, target, message):
 \`\`\`
@@ -385,7 +409,7 @@ $idle_lines
 
 (c) \`rotd retire s\` with C consumers, wall time of the process (median and max of $RUNS runs each, local path remote; one more run of each over git://)
 
-| consumers | every ack new, retires: median ms | max ms | one missing, waits: median ms | max ms | retires over git:// ms | its connections | connections while waiting |
-|---:|---:|---:|---:|---:|---:|---|---|
+| consumers | every ack new, retires: median ms | max ms | one missing, waits: median ms | max ms | retires over git:// ms | its connections | connections while waiting | fsync calls of a retire, every ack new (strace) |
+|---:|---:|---:|---:|---:|---:|---|---|---:|
 $(printf '%s\n' "${C_ROWS[@]}")
 EOF
