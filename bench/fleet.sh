@@ -247,10 +247,13 @@ o1=$(objects); p1=$(packs); r1=$(ackref); c1=$(ackcount); f1=$(stat -c %y "$A/ho
 read -r i_med i_p90 i_max i_n < <(stats "$A/idle.txt" median p90 max)
 ROTD_LOG=debug "$ROTD" agent --config "$cfg" --once 2>"$A/idle-debug.log"
 idle_lines=$(sed -E 's/^[^ ]+ +//' "$A/idle-debug.log" | grep -E 'DEBUG rotd|INFO rotd' | sed -E 's/(commit|path)=[^ ]+ ?//g' | sort | uniq -c | sort -rn)
-decrypts="not counted (needs gdb and nm)"
 # gdb takes the function by its mangled name (it does not look Rust paths up here).
-sym=$(nm "$ROTD" 2>/dev/null | awk '$3 ~ /^_ZN4rotd5store6crypto4Keys7decrypt17h[0-9a-f]+E$/ {print $3; exit}' || true)
-if command -v gdb >/dev/null && [ -n "$sym" ]; then
+sym=$(nm "$ROTD" 2>/dev/null | awk '$3 ~ /^_ZN4rotd.*4Keys7decrypt17h[0-9a-f]+E$/ {print $3; exit}' || true)
+if ! command -v gdb >/dev/null; then
+  decrypts="not counted (no gdb)"
+elif [ -z "$sym" ]; then
+  decrypts="not counted (no symbol of rotd's Keys::decrypt in $ROTD: stripped, or renamed)"
+else
   cat >"$A/count.gdb" <<GDB
 set pagination off
 break $sym
