@@ -202,9 +202,10 @@ wait_for() {
 
 ready() { curl -sf ${2:+-u "$2"} "http://127.0.0.1:$1/-/ready" >/dev/null; }
 
-# start_agent HOST: `rotd agent` in its loop mode, its log in HOST/agent.log.
+# start_agent HOST: `rotd agent` in its loop mode, its log (INFO: the lines this script
+# reads) in HOST/agent.log.
 start_agent() {
-  "$rotd" agent --config "$work/$1/agent.toml" 2>>"$work/$1/agent.log" &
+  ROTD_LOG=info "$rotd" agent --config "$work/$1/agent.toml" 2>>"$work/$1/agent.log" &
   agent_pid[$1]=$!
   pids+=($!)
 }
