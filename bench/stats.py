@@ -1,12 +1,34 @@
 #!/usr/bin/env python3
-"""Median and p99 (nearest rank) of a file of seconds, one a line, in milliseconds.
+"""Statistics of a file of seconds, one a line, in milliseconds.
 
-usage: stats.py FILE   -> prints "median_ms p99_ms n"
+usage: stats.py FILE            -> prints "median_ms p99_ms n"
+       stats.py FILE STAT...    -> prints each STAT in ms, in the order given, then n;
+                                   STAT: median, min, max, mean, or pNN (nearest rank)
 """
 import math
 import statistics
 import sys
 
+
+def nearest_rank(xs, q):
+    return xs[max(0, math.ceil(q / 100 * len(xs)) - 1)]
+
+
 xs = sorted(float(l) for l in open(sys.argv[1]) if l.strip())
-p99 = xs[max(0, math.ceil(0.99 * len(xs)) - 1)]
-print(f"{statistics.median(xs) * 1000:.2f} {p99 * 1000:.2f} {len(xs)}")
+stats = sys.argv[2:] or ["median", "p99"]
+out = []
+for s in stats:
+    if s == "median":
+        v = statistics.median(xs)
+    elif s == "min":
+        v = xs[0]
+    elif s == "max":
+        v = xs[-1]
+    elif s == "mean":
+        v = statistics.mean(xs)
+    elif s.startswith("p") and s[1:].isdigit():
+        v = nearest_rank(xs, int(s[1:]))
+    else:
+        sys.exit(f"stats.py: unknown statistic {s}")
+    out.append(f"{v * 1000:.2f}")
+print(" ".join(out + [str(len(xs))]))

@@ -32,6 +32,11 @@ const TOML_SETTINGS: &[(&str, &str, &str)] = &[
         "credentials for an ssh:// or https:// remote",
         "none",
     ),
+    (
+        "[store] remote_known_hosts",
+        "OpenSSH known_hosts file the SSH server's host key must be listed in, checked at every connection",
+        "libgit2's check of $HOME/.ssh/known_hosts",
+    ),
     ("[store] branch", "branch name", "main"),
     (
         "[store] signing_key",

@@ -29,6 +29,7 @@ use crate::targets;
 pub use crate::store::config::{consumers_of, Config as Store, Host};
 pub(crate) use crate::syntax::{bounded, bounded_count, toml_problem, Reporter};
 pub use crate::syntax::{bounds, parse_duration, valid_name, Error, Problem};
+pub use crate::targets::{HttpProbe, Probe};
 
 /// Where `rotd` looks for its config when neither `--config` nor `$ROTD_CONFIG` is set.
 pub const DEFAULT_PATH: &str = "/etc/rotd/rotd.toml";
@@ -94,29 +95,6 @@ pub struct Schedule {
     pub warnings: Vec<Problem>,
 }
 
-/// `[probe]` settings shared by every target.
-#[derive(Debug, Clone)]
-pub struct Probe {
-    /// Time limit of one probe request.
-    pub timeout: Duration,
-    /// How many times the whole probe is tried before the rotation is rolled back.
-    pub attempts: u32,
-    /// Pause between attempts (and between query polls).
-    pub interval: Duration,
-    /// Generic HTTP probe (`files` target).
-    pub http: Option<HttpProbe>,
-    /// Data stream the Elasticsearch probe writes to.
-    pub index: Option<String>,
-}
-
-#[derive(Debug, Clone)]
-pub struct HttpProbe {
-    pub url: String,
-    /// `Name: value` template; placeholders as in `[[deliver]]`.
-    pub header: Option<String>,
-    pub expect: u16,
-}
-
 // ---------------------------------------------------------------- raw forms
 
 #[derive(Deserialize)]
@@ -171,7 +149,7 @@ struct RawSchedule {
     retry_backoff: Option<Spanned<String>>,
     #[serde(default)]
     generate: RawGenerate,
-    target: Spanned<RawTarget>,
+    target: Spanned<targets::RawHead>,
     #[serde(default)]
     deliver: Vec<Spanned<RawDeliver>>,
     probe: Option<Spanned<RawProbe>>,
@@ -184,35 +162,6 @@ struct RawSchedule {
 struct RawGenerate {
     length: Option<Spanned<i64>>,
     charset: Option<Charset>,
-}
-
-/// Every target kind's settings in one table; [`validate_target`] rejects those that
-/// do not belong to the chosen kind.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawTarget {
-    kind: Spanned<String>,
-    url: Option<Spanned<String>>,
-    web_config: Option<Spanned<PathBuf>>,
-    usernames: Option<Spanned<Vec<String>>>,
-    query_credential: Option<Spanned<String>>,
-    bcrypt_cost: Option<Spanned<u32>>,
-    ca: Option<Spanned<PathBuf>>,
-    client_cert: Option<Spanned<PathBuf>>,
-    client_key: Option<Spanned<PathBuf>>,
-    username: Option<Spanned<String>>,
-    admin_credential: Option<Spanned<String>>,
-    expiration: Option<Spanned<String>>,
-    permissions: Option<Vec<Spanned<RawPermission>>>,
-}
-
-/// One `[[target.permissions]]` block of an `elasticsearch-api-key` target.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawPermission {
-    pub(crate) names: Option<Spanned<Vec<String>>>,
-    pub(crate) privileges: Option<Spanned<Vec<String>>>,
-    pub(crate) cluster: Option<Spanned<Vec<String>>>,
 }
 
 /// One `[[deliver]]` table as written (a schedule's, or a `[[secret.deliver]]` of
@@ -628,7 +577,8 @@ pub fn parse_schedule_str(
     };
     let charset = raw.generate.charset.unwrap_or_default();
     let (probe, probe_span) = parse_probe(raw.probe.as_ref(), &mut rep);
-    let mut target = targets::Config::from_raw(&raw.target, &probe, probe_span, &mut rep);
+    let mut target =
+        targets::Config::from_schedule(&raw.target, text, &probe, probe_span, &mut rep);
     if let Some(targets::Config::Elasticsearch(es)) = target.as_mut() {
         es.set_grace(grace);
     }
@@ -1152,78 +1102,6 @@ fn edit_distance(a: &str, b: &str) -> usize {
         }
     }
     row[b.len()]
-}
-
-impl RawTarget {
-    pub(crate) fn kind(&self) -> &Spanned<String> {
-        &self.kind
-    }
-
-    /// Reports every field set that `allowed` does not list.
-    pub(crate) fn only(&self, allowed: &[&str], rep: &mut Reporter<'_>, span: &Spanned<RawTarget>) {
-        let present = [
-            ("url", self.url.is_some()),
-            ("web_config", self.web_config.is_some()),
-            ("usernames", self.usernames.is_some()),
-            ("query_credential", self.query_credential.is_some()),
-            ("bcrypt_cost", self.bcrypt_cost.is_some()),
-            ("ca", self.ca.is_some()),
-            ("client_cert", self.client_cert.is_some()),
-            ("client_key", self.client_key.is_some()),
-            ("username", self.username.is_some()),
-            ("admin_credential", self.admin_credential.is_some()),
-            ("expiration", self.expiration.is_some()),
-            ("permissions", self.permissions.is_some()),
-        ];
-        for (field, set) in present {
-            if set && !allowed.contains(&field) {
-                rep.at(
-                    span,
-                    format!(
-                        "target.{field} is not a setting of kind {:?}; remove it",
-                        self.kind.get_ref()
-                    ),
-                );
-            }
-        }
-    }
-
-    pub(crate) fn url(&self) -> Option<&Spanned<String>> {
-        self.url.as_ref()
-    }
-    pub(crate) fn web_config(&self) -> Option<&Spanned<PathBuf>> {
-        self.web_config.as_ref()
-    }
-    pub(crate) fn usernames(&self) -> Option<&Spanned<Vec<String>>> {
-        self.usernames.as_ref()
-    }
-    pub(crate) fn query_credential(&self) -> Option<&Spanned<String>> {
-        self.query_credential.as_ref()
-    }
-    pub(crate) fn bcrypt_cost(&self) -> Option<&Spanned<u32>> {
-        self.bcrypt_cost.as_ref()
-    }
-    pub(crate) fn ca(&self) -> Option<&Spanned<PathBuf>> {
-        self.ca.as_ref()
-    }
-    pub(crate) fn client_cert(&self) -> Option<&Spanned<PathBuf>> {
-        self.client_cert.as_ref()
-    }
-    pub(crate) fn client_key(&self) -> Option<&Spanned<PathBuf>> {
-        self.client_key.as_ref()
-    }
-    pub(crate) fn username(&self) -> Option<&Spanned<String>> {
-        self.username.as_ref()
-    }
-    pub(crate) fn admin_credential(&self) -> Option<&Spanned<String>> {
-        self.admin_credential.as_ref()
-    }
-    pub(crate) fn expiration(&self) -> Option<&Spanned<String>> {
-        self.expiration.as_ref()
-    }
-    pub(crate) fn permissions(&self) -> Option<&[Spanned<RawPermission>]> {
-        self.permissions.as_deref()
-    }
 }
 
 #[cfg(test)]

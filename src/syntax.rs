@@ -83,6 +83,11 @@ impl<'a> Reporter<'a> {
         });
     }
 
+    /// A TOML error of this file (its line, its message).
+    pub(crate) fn toml_error(&mut self, e: &toml::de::Error) {
+        self.problems.push(toml_problem(self.file, self.text, e));
+    }
+
     /// How many problems have been reported so far (to tell whether a part is clean).
     pub(crate) fn count(&self) -> usize {
         self.problems.len()

@@ -91,13 +91,11 @@ impl Remote<'_> {
             .map_err(self.git("find the store remote"))?;
         let mut fo = git2::FetchOptions::new();
         fo.remote_callbacks(self.callbacks());
-        // A glob: it matches nothing, without an error, while the host has no ack.
+        // This host's ref only (not every host's: an idle pass brings nothing another
+        // host acknowledged). A ref the remote does not have yet matches nothing.
+        let spec = format!("+{}:{tracking}", refname(self.host));
         remote
-            .fetch(
-                &["+refs/rotd/acks/*:refs/rotd/remote-acks/*"],
-                Some(&mut fo),
-                None,
-            )
+            .fetch(&[spec.as_str()], Some(&mut fo), None)
             .map_err(self.git("fetch the acknowledgements"))?;
         Ok(repo.refname_to_id(&tracking).ok())
     }

@@ -281,6 +281,7 @@ impl Store {
             return Err(Error::NotInitialised(cfg.path.clone()));
         }
         let keys = Keys::load(&cfg.identity, cfg.recipients.as_deref())?;
+        follow_remote_url(cfg)?;
         Ok(Store {
             cfg: cfg.clone(),
             keys: Arc::new(keys),
@@ -1103,6 +1104,30 @@ fn local_remote_path(url: &str) -> Option<PathBuf> {
         return None; // scp-like `host:path` or a network URL
     }
     Some(PathBuf::from(url))
+}
+
+/// Points the clone's `origin` at `store.remote` when the configuration names another
+/// URL than the clone has (an edited `remote`): the next fetch and push go where the
+/// configuration says, and what comes from there is adopted under the same trust rule.
+fn follow_remote_url(cfg: &Config) -> Result<(), Error> {
+    let Some(url) = &cfg.remote else {
+        return Ok(());
+    };
+    let repo = Repository::open(&cfg.path)?;
+    match repo.find_remote("origin") {
+        Ok(r) if r.url() == Some(url.as_str()) => {}
+        Ok(_) => {
+            // No URL in the log: one may carry a token.
+            repo.remote_set_url("origin", url)?;
+            tracing::info!(
+                "store.remote changed in the configuration: the store's origin follows it"
+            );
+        }
+        Err(_) => {
+            repo.remote("origin", url)?;
+        }
+    }
+    Ok(())
 }
 
 /// Creates a directory (and parents) with mode 0700 for the ones it creates.

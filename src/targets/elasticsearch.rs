@@ -65,11 +65,12 @@ use reqwest::header::{HeaderValue, AUTHORIZATION};
 use serde_json::{json, Value};
 use toml::Spanned;
 
+use super::Probe;
 use super::{http_error, Error, Plan, ProbeContext, ProbeReport, StepContext, Undo};
-use crate::config::{self, RawTarget, Reporter};
 use crate::secret::Secret;
 use crate::store::record::key;
 use crate::store::Record;
+use crate::syntax::{self, Reporter};
 
 pub const KIND: &str = "elasticsearch-api-key";
 
@@ -179,12 +180,71 @@ fn http_error_text(e: &reqwest::Error) -> String {
     s
 }
 
+/// `[target]` of kind `elasticsearch-api-key`, as written.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Raw {
+    #[allow(dead_code)] // read by `targets::RawHead`
+    kind: String,
+    url: Option<Spanned<String>>,
+    ca: Option<Spanned<std::path::PathBuf>>,
+    client_cert: Option<Spanned<std::path::PathBuf>>,
+    client_key: Option<Spanned<std::path::PathBuf>>,
+    admin_credential: Option<Spanned<String>>,
+    expiration: Option<Spanned<String>>,
+    permissions: Option<Vec<Spanned<RawPermission>>>,
+}
+raw_connection!(Raw);
+
+/// One `[[target.permissions]]` block of an `elasticsearch-api-key` target.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPermission {
+    pub(crate) names: Option<Spanned<Vec<String>>>,
+    pub(crate) privileges: Option<Spanned<Vec<String>>>,
+    pub(crate) cluster: Option<Spanned<Vec<String>>>,
+}
+
+/// The connection settings of both Elasticsearch kinds (each kind's `Raw` has them;
+/// [`Connection::from_raw`] checks them).
+pub(crate) trait RawConnection {
+    fn url(&self) -> Option<&Spanned<String>>;
+    fn ca(&self) -> Option<&Spanned<std::path::PathBuf>>;
+    fn client_cert(&self) -> Option<&Spanned<std::path::PathBuf>>;
+    fn client_key(&self) -> Option<&Spanned<std::path::PathBuf>>;
+    fn admin_credential(&self) -> Option<&Spanned<String>>;
+}
+
+/// Implements [`RawConnection`] for a raw form with those five fields.
+macro_rules! raw_connection {
+    ($t:ty) => {
+        impl $crate::targets::elasticsearch::RawConnection for $t {
+            fn url(&self) -> Option<&toml::Spanned<String>> {
+                self.url.as_ref()
+            }
+            fn ca(&self) -> Option<&toml::Spanned<std::path::PathBuf>> {
+                self.ca.as_ref()
+            }
+            fn client_cert(&self) -> Option<&toml::Spanned<std::path::PathBuf>> {
+                self.client_cert.as_ref()
+            }
+            fn client_key(&self) -> Option<&toml::Spanned<std::path::PathBuf>> {
+                self.client_key.as_ref()
+            }
+            fn admin_credential(&self) -> Option<&toml::Spanned<String>> {
+                self.admin_credential.as_ref()
+            }
+        }
+    };
+}
+pub(crate) use raw_connection;
+
 impl Connection {
     /// Checks `url`, `ca`, `client_cert`, `client_key` and `admin_credential`.
     /// `admin_does` completes "the credential that …" in messages.
-    pub(crate) fn from_raw(
-        raw: &Spanned<RawTarget>,
-        probe: &config::Probe,
+    pub(crate) fn from_raw<R: RawConnection>(
+        raw: &Spanned<R>,
+        probe: &Probe,
         kind: &str,
         admin_does: &str,
         rep: &mut Reporter<'_>,
@@ -262,7 +322,7 @@ impl Connection {
             }
         };
         let admin_credential = match t.admin_credential() {
-            Some(a) if config::valid_name(a.get_ref()) => Some(a.get_ref().clone()),
+            Some(a) if syntax::valid_name(a.get_ref()) => Some(a.get_ref().clone()),
             Some(a) => {
                 rep.at(
                     a,
@@ -445,28 +505,15 @@ fn valid_privilege(p: &str) -> bool {
 
 impl Config {
     pub(crate) fn from_raw(
-        raw: &Spanned<RawTarget>,
-        probe: &config::Probe,
+        raw: &Spanned<Raw>,
+        probe: &Probe,
         probe_span: Option<std::ops::Range<usize>>,
         rep: &mut Reporter<'_>,
     ) -> Option<Config> {
         let t = raw.get_ref();
         let before = rep.count();
-        t.only(
-            &[
-                "url",
-                "ca",
-                "client_cert",
-                "client_key",
-                "admin_credential",
-                "expiration",
-                "permissions",
-            ],
-            rep,
-            raw,
-        );
         let conn = Connection::from_raw(raw, probe, KIND, "creates and invalidates API keys", rep);
-        let expiration = t.expiration().and_then(|e| match config::parse_duration(e.get_ref()) {
+        let expiration = t.expiration.as_ref().and_then(|e| match syntax::parse_duration(e.get_ref()) {
             Ok(d) if d >= Duration::from_secs(60) => Some(d),
             Ok(_) => {
                 rep.at(e, "target.expiration must be at least 1m; it should exceed the rotation interval plus the grace");
@@ -479,7 +526,7 @@ impl Config {
         });
         let mut cluster = Vec::new();
         let mut indices = Vec::new();
-        match t.permissions() {
+        match t.permissions.as_deref() {
             None | Some([]) => rep.at(raw, "at least one [[target.permissions]] block is required: names = [\"logs-app-default\"], privileges = [\"create_doc\", \"auto_configure\"]"),
             Some(blocks) => {
                 for b in blocks {

@@ -32,9 +32,10 @@ use serde_json::json;
 use toml::Spanned;
 
 use super::elasticsearch::{enc, probe_document, Auth, Connection};
+use super::Probe;
 use super::{Error, Plan, ProbeContext, ProbeReport, StepContext, Undo};
-use crate::config::{self, RawTarget, Reporter};
 use crate::store::Record;
+use crate::syntax::Reporter;
 
 pub const KIND: &str = "elasticsearch-user-password";
 
@@ -47,30 +48,33 @@ pub struct Config {
     pub probe_index: Option<String>,
 }
 
+/// `[target]` of kind `elasticsearch-user-password`, as written.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Raw {
+    #[allow(dead_code)] // read by `targets::RawHead`
+    kind: String,
+    url: Option<Spanned<String>>,
+    ca: Option<Spanned<std::path::PathBuf>>,
+    client_cert: Option<Spanned<std::path::PathBuf>>,
+    client_key: Option<Spanned<std::path::PathBuf>>,
+    admin_credential: Option<Spanned<String>>,
+    username: Option<Spanned<String>>,
+}
+crate::targets::elasticsearch::raw_connection!(Raw);
+
 impl Config {
     pub(crate) fn from_raw(
-        raw: &Spanned<RawTarget>,
-        probe: &config::Probe,
+        raw: &Spanned<Raw>,
+        probe: &Probe,
         rep: &mut Reporter<'_>,
     ) -> Option<Config> {
         let t = raw.get_ref();
         let before = rep.count();
-        t.only(
-            &[
-                "url",
-                "ca",
-                "client_cert",
-                "client_key",
-                "admin_credential",
-                "username",
-            ],
-            rep,
-            raw,
-        );
         let conn = Connection::from_raw(raw, probe, KIND, "changes the user's password", rep);
         // The username goes into records, the `{{username}}` of deliver paths and a
         // URL path: the conservative charset of `crate::validate::username`.
-        let username = match t.username() {
+        let username = match t.username.as_ref() {
             Some(u) => match crate::validate::username(u.get_ref()) {
                 Ok(()) => Some(u.get_ref().clone()),
                 Err(m) => {

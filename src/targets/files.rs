@@ -9,23 +9,20 @@
 use toml::Spanned;
 
 use super::{http_probe, Error, ProbeContext, ProbeReport};
-use crate::config::{self, RawTarget, Reporter};
+use super::{HttpProbe, Probe};
 use crate::store::Record;
+use crate::syntax::Reporter;
 
 pub const KIND: &str = "files";
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub http: Option<config::HttpProbe>,
+    pub http: Option<HttpProbe>,
 }
 
 /// Checks `probe.http` (its header template) at `at` (the `[probe]` table): the
 /// schedule's `files` target and the agent's `[secret.probe]` share it.
-pub(crate) fn check_http_probe(
-    probe: &config::Probe,
-    at: std::ops::Range<usize>,
-    rep: &mut Reporter<'_>,
-) {
+pub(crate) fn check_http_probe(probe: &Probe, at: std::ops::Range<usize>, rep: &mut Reporter<'_>) {
     let Some(hdr) = probe.http.as_ref().and_then(|h| h.header.as_ref()) else {
         return;
     };
@@ -37,14 +34,21 @@ pub(crate) fn check_http_probe(
     }
 }
 
+/// `[target]` of kind `files`: nothing but the kind.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Raw {
+    #[allow(dead_code)] // read by `targets::RawHead`
+    kind: String,
+}
+
 impl Config {
     pub(crate) fn from_raw(
-        raw: &Spanned<RawTarget>,
-        probe: &config::Probe,
+        raw: &Spanned<Raw>,
+        probe: &Probe,
         probe_span: Option<std::ops::Range<usize>>,
         rep: &mut Reporter<'_>,
     ) -> Option<Config> {
-        raw.get_ref().only(&[], rep, raw);
         if probe.index.is_some() {
             let at = Spanned::new(probe_span.clone().unwrap_or(raw.span()), ());
             rep.at(

@@ -6,8 +6,8 @@
 
 use std::time::Instant;
 
+use super::HttpProbe;
 use super::{http_error, Error, ProbeContext, ProbeReport};
-use crate::config::HttpProbe;
 use crate::deliver::{self, Vars};
 use crate::store::Record;
 

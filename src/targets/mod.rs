@@ -22,10 +22,62 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use crate::config::{self, RawTarget, Reporter};
 use crate::deliver;
 use crate::fsutil;
 use crate::store::{self, Record};
+use crate::syntax::Reporter;
+
+/// `[probe]` settings shared by every target.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    /// Time limit of one probe request.
+    pub timeout: Duration,
+    /// How many times the whole probe is tried before the rotation is rolled back.
+    pub attempts: u32,
+    /// Pause between attempts (and between query polls).
+    pub interval: Duration,
+    /// Generic HTTP probe (`files` target).
+    pub http: Option<HttpProbe>,
+    /// Data stream the Elasticsearch probe writes to.
+    pub index: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpProbe {
+    pub url: String,
+    /// `Name: value` template; placeholders as in `[[deliver]]`.
+    pub header: Option<String>,
+    pub expect: u16,
+}
+
+/// `[target]` of a schedule as the configuration reads it: only `kind`. The kind's
+/// module reads the table again as its own `Raw` ([`read_kind`]), so each kind owns
+/// its settings and the configuration knows none of them.
+#[derive(serde::Deserialize)]
+pub(crate) struct RawHead {
+    pub(crate) kind: Spanned<String>,
+}
+
+/// The schedule file read again for one kind: only `[target]`, as that kind's `Raw`.
+#[derive(serde::Deserialize)]
+struct Doc<T> {
+    target: Spanned<T>,
+}
+
+/// `[target]` of `text` as the raw form `T` of one kind; a TOML problem (an unknown
+/// key, a wrong type) is reported at its line.
+fn read_kind<T: serde::de::DeserializeOwned>(
+    text: &str,
+    rep: &mut Reporter<'_>,
+) -> Option<Spanned<T>> {
+    match toml::from_str::<Doc<T>>(text) {
+        Ok(d) => Some(d.target),
+        Err(e) => {
+            rep.toml_error(&e);
+            None
+        }
+    }
+}
 
 /// A target step failed. Messages never quote a secret.
 #[derive(Debug, thiserror::Error)]
@@ -70,23 +122,33 @@ impl Config {
         }
     }
 
-    pub(crate) fn from_raw(
-        raw: &Spanned<RawTarget>,
-        probe: &config::Probe,
+    /// The `[target]` of a schedule whose text is `text`: `head` says the kind, and
+    /// that kind's module reads the table as its own raw form (unknown keys refused,
+    /// each problem at its line).
+    pub(crate) fn from_schedule(
+        head: &Spanned<RawHead>,
+        text: &str,
+        probe: &Probe,
         probe_span: Option<std::ops::Range<usize>>,
         rep: &mut Reporter<'_>,
     ) -> Option<Config> {
-        let t = raw.get_ref();
-        match t.kind().get_ref().as_str() {
-            prometheus::KIND => prometheus::Config::from_raw(raw, rep).map(Config::Prometheus),
-            files::KIND => files::Config::from_raw(raw, probe, probe_span, rep).map(Config::Files),
-            elasticsearch::KIND => elasticsearch::Config::from_raw(raw, probe, probe_span, rep)
-                .map(Config::Elasticsearch),
+        let kind = head.get_ref().kind.get_ref().as_str();
+        match kind {
+            prometheus::KIND => {
+                prometheus::Config::from_raw(&read_kind(text, rep)?, rep).map(Config::Prometheus)
+            }
+            files::KIND => files::Config::from_raw(&read_kind(text, rep)?, probe, probe_span, rep)
+                .map(Config::Files),
+            elasticsearch::KIND => {
+                elasticsearch::Config::from_raw(&read_kind(text, rep)?, probe, probe_span, rep)
+                    .map(Config::Elasticsearch)
+            }
             elasticsearch_user::KIND => {
-                elasticsearch_user::Config::from_raw(raw, probe, rep).map(Config::EsUser)
+                elasticsearch_user::Config::from_raw(&read_kind(text, rep)?, probe, rep)
+                    .map(Config::EsUser)
             }
             other => {
-                rep.at(t.kind(), format!("unknown target kind {other:?}; the kinds are \"prometheus-remote-write\", \"elasticsearch-api-key\", \"elasticsearch-user-password\" and \"files\""));
+                rep.at(&head.get_ref().kind, format!("unknown target kind {other:?}; the kinds are \"prometheus-remote-write\", \"elasticsearch-api-key\", \"elasticsearch-user-password\" and \"files\""));
                 None
             }
         }
@@ -200,7 +262,7 @@ pub struct ProbeReport {
 pub struct ProbeContext<'a> {
     pub name: &'a str,
     pub rotation_id: &'a str,
-    pub probe: &'a config::Probe,
+    pub probe: &'a Probe,
     /// Looks up another secret in the store (e.g. the query credential).
     pub lookup: Lookup<'a>,
 }

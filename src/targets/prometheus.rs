@@ -28,10 +28,10 @@ use serde_yaml::{Mapping, Value};
 use toml::Spanned;
 
 use super::{client, http_error, Error, Plan, ProbeContext, ProbeReport, Undo};
-use crate::config::{RawTarget, Reporter};
 use crate::fsutil;
 use crate::store::record::key;
 use crate::store::Record;
+use crate::syntax::Reporter;
 
 pub const KIND: &str = "prometheus-remote-write";
 
@@ -47,21 +47,23 @@ pub struct Config {
     pub bcrypt_cost: u32,
 }
 
+/// `[target]` of kind `prometheus-remote-write`, as written.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Raw {
+    #[allow(dead_code)] // read by `targets::RawHead`
+    kind: String,
+    url: Option<Spanned<String>>,
+    web_config: Option<Spanned<std::path::PathBuf>>,
+    usernames: Option<Spanned<Vec<String>>>,
+    query_credential: Option<Spanned<String>>,
+    bcrypt_cost: Option<Spanned<u32>>,
+}
+
 impl Config {
-    pub(crate) fn from_raw(raw: &Spanned<RawTarget>, rep: &mut Reporter<'_>) -> Option<Config> {
+    pub(crate) fn from_raw(raw: &Spanned<Raw>, rep: &mut Reporter<'_>) -> Option<Config> {
         let t = raw.get_ref();
-        t.only(
-            &[
-                "url",
-                "web_config",
-                "usernames",
-                "query_credential",
-                "bcrypt_cost",
-            ],
-            rep,
-            raw,
-        );
-        let url = match t.url() {
+        let url = match t.url.as_ref() {
             Some(u)
                 if u.get_ref().starts_with("http://") || u.get_ref().starts_with("https://") =>
             {
@@ -82,7 +84,7 @@ impl Config {
                 return None;
             }
         };
-        let web_config = match t.web_config() {
+        let web_config = match t.web_config.as_ref() {
             Some(w) => {
                 let p = rep.resolve(w.get_ref());
                 if !p.exists() {
@@ -100,7 +102,7 @@ impl Config {
                 return None;
             }
         };
-        let usernames = match t.usernames() {
+        let usernames = match t.usernames.as_ref() {
             Some(u)
                 if u.get_ref().len() == 2
                     && u.get_ref()[0] != u.get_ref()[1]
@@ -117,7 +119,7 @@ impl Config {
                 return None;
             }
         };
-        let bcrypt_cost = match t.bcrypt_cost() {
+        let bcrypt_cost = match t.bcrypt_cost.as_ref() {
             None => bcrypt::DEFAULT_COST,
             Some(c) if (4..=16).contains(c.get_ref()) => *c.get_ref(),
             Some(c) => {
@@ -129,7 +131,7 @@ impl Config {
             url,
             web_config,
             usernames,
-            query_credential: t.query_credential().map(|q| q.get_ref().clone()),
+            query_credential: t.query_credential.as_ref().map(|q| q.get_ref().clone()),
             bcrypt_cost,
         })
     }

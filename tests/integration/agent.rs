@@ -536,8 +536,22 @@ fn an_idle_pass_brings_no_pack_decrypts_nothing_and_acknowledges_nothing_new() {
     let real = std::fs::read(&identity).unwrap();
     std::fs::remove_file(&identity).unwrap();
     age_keygen(&identity);
+    // Another host acknowledges meanwhile: this host fetches its own ack ref only.
+    let main = stdout(&git(&f.env.remote, &["rev-parse", "main"]));
+    git(
+        &f.env.remote,
+        &["update-ref", "refs/rotd/acks/web-2", main.trim()],
+    );
     let log = f.agent_ok();
     assert!(log.contains("already delivered"), "{log}");
+    let refs = stdout(&git(
+        &f.env.path("agent/store"),
+        &["for-each-ref", "refs/rotd"],
+    ));
+    assert!(
+        !refs.contains("web-2"),
+        "another host's ack was fetched: {refs}"
+    );
     assert_eq!(
         clone_objects(&f),
         objects,

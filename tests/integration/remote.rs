@@ -194,3 +194,41 @@ fn a_rejected_pending_push_stands_down_and_changes_nothing() {
         stdout(&git(&env.store, &["rev-parse", "HEAD"]))
     );
 }
+
+#[test]
+fn an_edited_remote_in_the_configuration_is_where_the_next_push_goes() {
+    let env = TestEnv::new();
+    files_schedule(&env);
+    let rotate = |env: &TestEnv| {
+        let o = env.rotd(&["rotate", "apm-token"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    };
+    rotate(&env);
+    // The remote moves: a mirror of the old one, and rotd.toml names it.
+    let moved = env.path("moved.git");
+    let o = std::process::Command::new("git")
+        .args(["clone", "-q", "--mirror"])
+        .arg(&env.remote)
+        .arg(&moved)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let cfg = std::fs::read_to_string(&env.config).unwrap().replace(
+        &format!("remote = \"{}\"", env.remote.display()),
+        &format!("remote = \"{}\"", moved.display()),
+    );
+    std::fs::write(&env.config, cfg).unwrap();
+    let old_tip = stdout(&git(&env.remote, &["rev-parse", "main"]));
+    rotate(&env);
+    let head = stdout(&git(&env.store, &["rev-parse", "HEAD"]));
+    assert_eq!(
+        stdout(&git(&moved, &["rev-parse", "main"])),
+        head,
+        "pushed to the new remote"
+    );
+    assert_eq!(
+        stdout(&git(&env.remote, &["rev-parse", "main"])),
+        old_tip,
+        "not to the old one"
+    );
+}
