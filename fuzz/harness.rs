@@ -1,7 +1,8 @@
 //! What each fuzz target does with one input, shared by the cargo-fuzz targets in
 //! `fuzz_targets/` (`#[path = "../harness.rs"] mod harness;`) and by the stable-Rust
-//! stand-in `tests/fuzz_smoke.rs`, so both check the same parsers and the same
-//! properties. A property that does not hold panics, which both report as a failure.
+//! stand-in `tests/integration/fuzz_smoke.rs`, so both check the same parsers and the
+//! same properties. A property that does not hold panics, which both report as a
+//! failure.
 //!
 //! Each fuzz binary uses one of these functions; the rest are dead code there.
 #![allow(dead_code)]

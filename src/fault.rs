@@ -1,6 +1,7 @@
 //! The crash test hook: `ROTD_FAULT_KILL_AFTER=<step>` makes rotd SIGKILL itself right
 //! after the named step, so the tests can prove with real kills what each step
-//! guarantees (tests/crash.rs for the rotator, tests/agent.rs for the agent).
+//! guarantees (tests/integration/crash.rs for the rotator, tests/integration/agent.rs for
+//! the agent).
 //!
 //! It is a leaf module so the rotation engine and the agent share one mechanism: the
 //! same variable, the same log line, the same signal. Unset (as in production), it

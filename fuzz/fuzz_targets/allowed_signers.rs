@@ -1,6 +1,7 @@
 //! `[store] allowed_signers` (git's allowed-signers format), then the verification
 //! of an arbitrary armored SSH signature over arbitrary data.
-//! The property checks live in `../harness.rs`, shared with `tests/fuzz_smoke.rs`.
+//! The property checks live in `../harness.rs`, shared with
+//! `tests/integration/fuzz_smoke.rs`.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 

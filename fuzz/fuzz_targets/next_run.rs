@@ -1,6 +1,7 @@
 //! `next_run` and the other scheduler arithmetic for every schedule that
 //! `rotd check` accepts without a problem.
-//! The property checks live in `../harness.rs`, shared with `tests/fuzz_smoke.rs`.
+//! The property checks live in `../harness.rs`, shared with
+//! `tests/integration/fuzz_smoke.rs`.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 

@@ -1,6 +1,7 @@
 //! Recipient lines (`store.recipients`, written back as `.age-recipients`) and
 //! identity lines (`store.identity`), loaded as rotd loads its keys.
-//! The property checks live in `../harness.rs`, shared with `tests/fuzz_smoke.rs`.
+//! The property checks live in `../harness.rs`, shared with
+//! `tests/integration/fuzz_smoke.rs`.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 

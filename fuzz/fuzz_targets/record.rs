@@ -1,6 +1,7 @@
 //! The decrypted plaintext of secrets/NAME.age: the secret, then `key: value` lines;
 //! what parses must parse again once written back.
-//! The property checks live in `../harness.rs`, shared with `tests/fuzz_smoke.rs`.
+//! The property checks live in `../harness.rs`, shared with
+//! `tests/integration/fuzz_smoke.rs`.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 

@@ -1,5 +1,6 @@
 //! The exporter-toolkit web config (YAML) rotd edits for prometheus-remote-write.
-//! The property checks live in `../harness.rs`, shared with `tests/fuzz_smoke.rs`.
+//! The property checks live in `../harness.rs`, shared with
+//! `tests/integration/fuzz_smoke.rs`.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 

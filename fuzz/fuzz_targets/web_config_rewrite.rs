@@ -1,6 +1,7 @@
 //! The Prometheus web-config rewrite (set or remove users, render): the result
 //! parses, holds exactly the intended users and keeps every foreign line.
-//! The property checks live in `../harness.rs`, shared with `tests/fuzz_smoke.rs`.
+//! The property checks live in `../harness.rs`, shared with
+//! `tests/integration/fuzz_smoke.rs`.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 

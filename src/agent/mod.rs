@@ -25,7 +25,7 @@
 //!
 //! Every step is safe to repeat: a pass that stops anywhere is completed by the next.
 //! Two kill points prove it (the test hook `ROTD_FAULT_KILL_AFTER=<step>` of
-//! [`crate::fault`], tests/agent.rs):
+//! [`crate::fault`], tests/integration/agent.rs):
 //!
 //! * `agent-rendered` — after a secret's files are written and reloaded, before the
 //!   delivery record and the acknowledgement. A kill there leaves the files holding

@@ -9,7 +9,7 @@
 //! | 3 apply | install on the target so that old AND new are valid (the idle user; a second ES API key). When the TARGET makes the credential (an Elasticsearch API key: id and `api_key` come from the server), `apply` returns it in `Undo::record`; it replaces the pending record and is committed at once as `secrets/NAME.pending.age` again (`Rotd-Step: pending`, `Rotd-Key-Id`), before deliver; the first pending commit holds a generated placeholder and no `key-id` | rollback (the key is invalidated by id); a failed re-commit is a failure here | recovery rolls back: the idle user's previous hash (recorded in the pending record) is restored; the API key is invalidated by the pending record's `key-id`, or, when the crash came between the create and the re-commit, found by its name `rotd-NAME-ROTATION` |
 //! | 4 deliver | consumer files written atomically, reloads run | rollback: files restored byte for byte from memory, reloaded | recovery renders the consumer files again from the current (old) record, removes files only the new one had, reloads |
 //! | 5 probe | prove data flows with the NEW credential | rollback | as 4 |
-//! | 6 commit | `secrets/NAME.age` := new record (with what to retire and when), pending removed, `Rotd-Step: succeeded`, push | exit 2 if the commit itself fails, e.g. a full disk (the new credential is live and recorded as pending; the next run rolls it back; tests/faults.rs) | the commit is atomic: either still pending (recovery rolls back) or succeeded |
+//! | 6 commit | `secrets/NAME.age` := new record (with what to retire and when), pending removed, `Rotd-Step: succeeded`, push | exit 2 if the commit itself fails, e.g. a full disk (the new credential is live and recorded as pending; the next run rolls it back; tests/integration/faults.rs) | the commit is atomic: either still pending (recovery rolls back) or succeeded |
 //! | 7 retire | after `grace` AND, for a secret with `consumers`, once every consumer host has acknowledged the current rotation (a signed `Rotd-Ack` on `refs/rotd/acks/HOST`, see `store::acks`): old credential removed from the target, `Rotd-Step: retired` | left for `rotd retire`/the daemon; status shows it (`waiting-acks` while hosts lag) | retire runs again (idempotent) |
 //!
 //! A target whose apply REPLACES the old credential (an Elasticsearch native user's
@@ -214,7 +214,7 @@ pub const STEPS: &[&str] = &["pending", "apply", "deliver", "probe", "commit"];
 
 /// Test hook: SIGKILL this process right after `step` when the environment asks
 /// ([`crate::fault`]). It exists to prove the journal's guarantees with real kills
-/// (tests/crash.rs).
+/// (tests/integration/crash.rs).
 fn fault_point(step: &str) {
     crate::fault::point(step);
 }
