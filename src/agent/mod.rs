@@ -609,6 +609,9 @@ fn acknowledge(store: &Store, host: &str, key: &Path, held: &ack::Held) -> Resul
     // One rotd process at a time updates the clone's ack refs (see `fetch_tip`).
     let _lock = store.lock_store()?;
     let repo = store.repo()?;
+    // A pass killed while it moved the local ack ref leaves the ref's `.lock` file;
+    // under the store lock no live rotd process holds it.
+    crate::store::clear_stale_ref_locks(&repo, "refs/rotd/acks");
     let remote = ack::Remote {
         host,
         transport: store.transport(),

@@ -758,3 +758,22 @@ fn the_agent_loop_serves_metrics_and_tells_systemd_it_is_ready_and_stopping() {
         .record_text(&std::fs::read_to_string(&log_path).unwrap());
     assert_eq!(status.code(), Some(0));
 }
+
+#[test]
+fn a_ref_lock_a_killed_pass_left_on_the_local_ack_ref_does_not_wedge_the_agent() {
+    let f = fleet();
+    f.agent_ok();
+    // What a SIGKILL while the ack ref is being moved leaves behind.
+    let lock = f.env.path("agent/store/.git/refs/rotd/acks/web-1.lock");
+    std::fs::create_dir_all(lock.parent().unwrap()).unwrap();
+    std::fs::write(&lock, "").unwrap();
+    rotd_ok(&f.env, &["rotate", "s1"]);
+    let log = f.agent_ok();
+    assert!(log.contains("removed a ref lock file"), "{log}");
+    let (n, msg) = f.acks().unwrap();
+    assert_eq!(n, 2, "{msg}");
+    assert!(
+        msg.contains(&format!("Rotd-Ack: s1 {}\n", f.rotation())),
+        "{msg}"
+    );
+}
