@@ -111,7 +111,7 @@ pub struct Pushed {
 impl Transport {
     /// Pushes `spec` to `remote`. A refusal carries what the server printed (an
     /// update hook's reason, e.g. "web-1 may not update refs/heads/main"), made one
-    /// line of printable text and cut at 500 characters.
+    /// line of printable text, every credential in use redacted, cut at 500 bytes.
     pub fn push(&self, remote: &mut git2::Remote<'_>, spec: &str) -> Pushed {
         let rejected = std::cell::RefCell::new(None::<String>);
         let said = std::cell::RefCell::new(String::new());
@@ -131,7 +131,7 @@ impl Transport {
             opts.remote_callbacks(cb);
             remote.push(&[spec], Some(&mut opts))
         };
-        let said = said.into_inner();
+        let said = self.quotable(&said.into_inner());
         let rejected = rejected.into_inner().map(|r| {
             if said.is_empty() {
                 r
@@ -143,10 +143,29 @@ impl Transport {
     }
 }
 
+impl Transport {
+    /// What the server printed, fit to quote in an error: every credential in use
+    /// redacted (the process's registered ones, and the remote token, which a hostile
+    /// server could echo back), then cut to [`QUOTED`] bytes.
+    fn quotable(&self, said: &str) -> String {
+        let mut needles = crate::redact::live();
+        if let Some(t) = &self.token_file {
+            if let Ok(token) = fsutil::read_text(t, fsutil::MAX_KEY_FILE) {
+                let token = crate::secret::Secret::new(token.trim().to_owned());
+                needles.add(&token, None);
+            }
+        }
+        needles.cut(said, QUOTED)
+    }
+}
+
+/// How much of what a server printed is quoted in an error.
+const QUOTED: usize = 500;
+
 /// Appends what the server printed to `said`: printable text, lines joined by
-/// "; ", at most 500 characters in all.
+/// "; ", at most 2,000 characters (redacted and cut to [`QUOTED`] afterwards).
 fn heard(said: &mut String, data: &[u8]) {
-    const MAX: usize = 500;
+    const MAX: usize = 2_000;
     for line in String::from_utf8_lossy(data).split(['\n', '\r']) {
         let line: String = line
             .chars()
@@ -376,8 +395,27 @@ mod tests {
             said,
             "rotd store: web-1 may not update refs/heads/main; [31mred"
         );
-        heard(&mut said, &[b'x'; 2000]);
-        assert_eq!(said.chars().count(), 500);
+        heard(&mut said, &[b'x'; 3000]);
+        assert_eq!(said.chars().count(), 2_000);
+    }
+
+    #[test]
+    fn a_token_the_server_echoes_is_not_quoted() {
+        let dir = tempfile::tempdir().unwrap();
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, "glpat-s3cr3tT0kenValue0123\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let t = Transport {
+            token_file: Some(token_file),
+            ..Transport::default()
+        };
+        let mut said = String::new();
+        heard(&mut said, b"denied for token glpat-s3cr3tT0kenValue0123\n");
+        let q = t.quotable(&said);
+        assert!(!q.contains("s3cr3t"), "{q}");
+        assert!(q.starts_with("denied for token"), "{q}");
+        assert!(t.quotable(&"y".repeat(2_000)).len() <= QUOTED + "…".len());
     }
 
     #[test]
