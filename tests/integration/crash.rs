@@ -127,6 +127,11 @@ fn sigkill_after_every_step_recovers_and_keeps_every_live_credential_recorded() 
             0.0,
             "{step}"
         );
+        assert_eq!(
+            agent.refusals_logged(),
+            0,
+            "{step}: refused writes in the agent's log"
+        );
         // And a rotation after recovery succeeds.
         let o = env.rotd(&["rotate", "prom-remote-write"]);
         assert!(

@@ -378,6 +378,12 @@ fn three_agents_switch_with_no_sample_lost_and_the_old_password_dies_only_after_
             "{} dropped samples",
             h.name
         );
+        assert_eq!(
+            h.sender.refusals_logged(),
+            0,
+            "{} logged refused writes (before a reload reset its counter)",
+            h.name
+        );
         assert!(
             h.password(&old.0) == f.env.show(NAME),
             "{} does not hold the newest credential (values not printed)",

@@ -87,6 +87,11 @@ fn three_rotations_while_the_agent_writes_lose_no_sample() {
         agent.own_metric("prometheus_remote_storage_samples_dropped_total"),
         0.0
     );
+    assert_eq!(
+        agent.refusals_logged(),
+        0,
+        "refused writes in the agent's log"
+    );
     assert!(agent.own_metric("prometheus_remote_storage_samples_total") > 0.0);
     // The receiver holds a sample from every scrape interval of the test.
     let secs = started.elapsed().as_secs() + 2;

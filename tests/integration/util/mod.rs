@@ -405,6 +405,19 @@ impl Prom {
         }
     }
 
+    /// Remote writes this sender logged as refused since it started (a 401, or any
+    /// "non-recoverable error": the batch is dropped). Its own
+    /// `prometheus_remote_storage_samples_failed_total` starts again at 0 whenever a
+    /// reload recreates the write queue (a new username does), so a refusal before
+    /// the last reload shows here only.
+    pub fn refusals_logged(&self) -> usize {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("non-recoverable error") || l.contains("401 Unauthorized"))
+            .count()
+    }
+
     /// A metric's value from this server's own /metrics (summed over series).
     pub fn own_metric(&self, name: &str) -> f64 {
         let body = reqwest::blocking::get(format!("{}/metrics", self.url()))
