@@ -185,7 +185,9 @@ pub async fn run(path: &Path, once: bool) -> Result<(), Error> {
         }));
     }
     tracing::info!(host = %cfg.host, poll = ?cfg.store.poll, "rotd agent started");
-    let mut ready = false;
+    // Ready once the loop runs, before the first pass: a remote slow to answer must
+    // not trip systemd's start timeout. STATUS= then says how each pass went.
+    systemd::notify("READY=1");
     let result = loop {
         // Signals that arrive during a pass wait here: a pass is never cut short.
         let mut counters = shared
@@ -207,12 +209,6 @@ pub async fn run(path: &Path, once: bool) -> Result<(), Error> {
             Err(e) => format!("STATUS=last pass failed: {e}"),
         };
         systemd::notify(&summary);
-        if !ready {
-            // Ready once the first pass has run, whatever its outcome: a pass that
-            // failed safely is retried, and the status says why.
-            systemd::notify("READY=1");
-            ready = true;
-        }
         match outcome {
             Ok(()) => {}
             Err(e) if e.is_config() => break Err(e),

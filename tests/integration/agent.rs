@@ -720,13 +720,16 @@ fn the_agent_loop_serves_metrics_and_tells_systemd_it_is_ready_and_stopping() {
         let n = notify.recv(&mut buf).expect("a notification within 30 s");
         String::from_utf8_lossy(&buf[..n]).into_owned()
     };
-    while !received.iter().any(|m: &String| m == "READY=1") {
+    // READY=1 as the loop starts, then the first pass's STATUS.
+    while !received
+        .iter()
+        .any(|m: &String| m.starts_with("STATUS=last pass ok"))
+    {
         received.push(next());
     }
-    assert!(
-        received
-            .iter()
-            .any(|m| m.starts_with("STATUS=last pass ok")),
+    assert_eq!(
+        received.first().map(String::as_str),
+        Some("READY=1"),
         "{received:?}"
     );
     let metrics = reqwest::blocking::get(format!("http://127.0.0.1:{port}/metrics"))
