@@ -286,7 +286,14 @@ impl Config {
 
     pub async fn apply(&self, new: &Record, ctx: &StepContext<'_>) -> Result<Undo, Error> {
         match self {
-            Config::Prometheus(c) => c.apply(new),
+            Config::Prometheus(c) => {
+                // bcrypt (about 240 ms at cost 12) and the web config's fsync run off
+                // the async runtime, as every blocking step does.
+                let (c, new) = (c.clone(), new.clone());
+                tokio::task::spawn_blocking(move || c.apply(&new))
+                    .await
+                    .map_err(|e| Error::Plan(format!("the apply task failed: {e}")))?
+            }
             Config::Files(_) => Ok(Undo::default()),
             Config::Elasticsearch(c) => c.apply(new, ctx).await,
             Config::EsUser(c) => c.apply(new, ctx).await,
