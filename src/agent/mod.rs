@@ -527,6 +527,9 @@ enum Failure {
 /// Writes the files of one secret, reloads, probes; on any failure puts the previous
 /// files back (and reloads again).
 async fn deliver_one(secret: &config::Secret, name: &str, rec: &Record) -> Result<(), Failure> {
+    // A reload endpoint or probe may echo the value just delivered (a program reads its
+    // files): what a peer answers is quoted only with this credential scrubbed.
+    let _registered = crate::redact::register(&rec.secret, rec.key_id().or(rec.username()));
     let encoded = rec
         .key_id()
         .map(|id| crate::targets::elasticsearch::encoded(id, &rec.secret));

@@ -780,3 +780,51 @@ fn a_ref_lock_a_killed_pass_left_on_the_local_ack_ref_does_not_wedge_the_agent()
         "{msg}"
     );
 }
+
+#[test]
+fn a_reload_endpoint_echoing_the_delivered_value_is_quoted_scrubbed() {
+    use std::io::{BufRead, BufReader, Write};
+    let f = fleet();
+    // A consumer whose reload fails and answers with the file it just read.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let file = f.delivered.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+            }
+            let body = format!(
+                "bad config: {}",
+                std::fs::read_to_string(&file).unwrap_or_default()
+            );
+            let _ = write!(
+                conn,
+                "HTTP/1.1 500 Internal Server Error\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    let cfg = std::fs::read_to_string(&f.agent_config).unwrap();
+    std::fs::write(
+        &f.agent_config,
+        format!("{cfg}reload = {{ http_post = \"http://127.0.0.1:{port}/-/reload\" }}\n"),
+    )
+    .unwrap();
+    let o = f.agent_once();
+    let log = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("HTTP 500") && log.contains("bad config"),
+        "{log}"
+    );
+    // The leak check of the env (every line the agent printed, the state file in its
+    // clone) fails the test if the value is quoted anywhere.
+    let st = agent_status(&f);
+    assert_eq!(st["secrets"][0]["state"], "failing", "{st}");
+}
